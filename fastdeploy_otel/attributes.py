@@ -1,0 +1,106 @@
+"""Attribute names, in one place, and how ``trace_print(**attributes)`` keywords map onto them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# On every span this package builds.
+REQUEST_ID = "fastdeploy.request_id"
+USER_ID = "fastdeploy.user_id"
+STAGE = "fastdeploy.stage"
+
+# Markers for sequences that went wrong; never raised, always visible on the span.
+ANOMALY = "fastdeploy.anomaly"
+IMPLICIT_START = "fastdeploy.implicit_start"
+ABORTED = "fastdeploy.aborted"
+ABORT_REASON = "fastdeploy.abort_reason"
+
+# Cache decision events on the SCHEDULE span.
+CACHE_MATCHED_TOKENS = "fastdeploy.cache.matched_tokens"
+CACHE_MATCHED_BLOCKS = "fastdeploy.cache.matched_blocks"
+CACHE_MISSED_TOKENS = "fastdeploy.cache.missed_tokens"
+CACHE_SWAPPED_IN_BLOCKS = "fastdeploy.cache.swapped_in_blocks"
+CACHE_SWAPPED_IN_BYTES = "fastdeploy.cache.swapped_in_bytes"
+CACHE_SOURCE_TIER = "fastdeploy.cache.source_tier"
+
+# OTel GenAI semantic conventions, set on the request span.
+GEN_AI_OPERATION_NAME = "gen_ai.operation.name"
+GEN_AI_REQUEST_MODEL = "gen_ai.request.model"
+GEN_AI_USAGE_INPUT_TOKENS = "gen_ai.usage.input_tokens"
+GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
+GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS = "gen_ai.usage.cache_read.input_tokens"
+GEN_AI_RESPONSE_FINISH_REASONS = "gen_ai.response.finish_reasons"
+GEN_AI_RESPONSE_ID = "gen_ai.response.id"
+GEN_AI_REQUEST_MAX_TOKENS = "gen_ai.request.max_tokens"
+GEN_AI_REQUEST_TEMPERATURE = "gen_ai.request.temperature"
+GEN_AI_REQUEST_TOP_P = "gen_ai.request.top_p"
+# Content: recorded only when the operator opts in (FD_TRACE_CAPTURE_CONTENT=true).
+GEN_AI_INPUT_MESSAGES = "gen_ai.input.messages"
+GEN_AI_OUTPUT_MESSAGES = "gen_ai.output.messages"
+ERROR_TYPE = "error.type"
+
+# trace_print keywords that describe the whole request: they go on the request span.
+REQUEST_KEYWORDS: dict[str, str] = {
+    "operation": GEN_AI_OPERATION_NAME,
+    "model": GEN_AI_REQUEST_MODEL,
+    "input_tokens": GEN_AI_USAGE_INPUT_TOKENS,
+    "output_tokens": GEN_AI_USAGE_OUTPUT_TOKENS,
+    "cached_tokens": GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS,
+    "finish_reasons": GEN_AI_RESPONSE_FINISH_REASONS,
+    "response_id": GEN_AI_RESPONSE_ID,
+    "max_tokens": GEN_AI_REQUEST_MAX_TOKENS,
+    "temperature": GEN_AI_REQUEST_TEMPERATURE,
+    "top_p": GEN_AI_REQUEST_TOP_P,
+}
+# Keywords that carry prompt or completion text; dropped unless content capture is on.
+CONTENT_KEYWORDS: dict[str, str] = {
+    "prompt": GEN_AI_INPUT_MESSAGES,
+    "completion": GEN_AI_OUTPUT_MESSAGES,
+}
+# Keywords of the cache events (and anything else) get the "fastdeploy." prefix.
+_PREFIX = "fastdeploy."
+_CACHE_KEYWORDS = {
+    "matched_tokens": CACHE_MATCHED_TOKENS,
+    "matched_blocks": CACHE_MATCHED_BLOCKS,
+    "missed_tokens": CACHE_MISSED_TOKENS,
+    "swapped_in_blocks": CACHE_SWAPPED_IN_BLOCKS,
+    "swapped_in_bytes": CACHE_SWAPPED_IN_BYTES,
+    "source_tier": CACHE_SOURCE_TIER,
+}
+
+AttributeValue = Any
+
+
+def _clean(value: Any) -> AttributeValue:
+    """An OTel-legal attribute value: str, bool, int, float or a homogeneous sequence of them."""
+    if isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, (list, tuple)):
+        items = [v if isinstance(v, (str, bool, int, float)) else str(v) for v in value]
+        if len({type(v) for v in items}) > 1:
+            items = [str(v) for v in items]
+        return items
+    return str(value)
+
+
+def split_keywords(
+    kwargs: dict[str, Any], capture_content: bool
+) -> tuple[dict[str, AttributeValue], dict[str, AttributeValue]]:
+    """Split trace_print keywords into (request-span attributes, event/span attributes)."""
+    request: dict[str, AttributeValue] = {}
+    local: dict[str, AttributeValue] = {}
+    for key, value in kwargs.items():
+        if value is None:
+            continue
+        if key in REQUEST_KEYWORDS:
+            request[REQUEST_KEYWORDS[key]] = _clean(value)
+        elif key in CONTENT_KEYWORDS:
+            if capture_content:
+                request[CONTENT_KEYWORDS[key]] = _clean(value)
+        elif key.startswith("gen_ai."):
+            request[key] = _clean(value)
+        elif key in _CACHE_KEYWORDS:
+            local[_CACHE_KEYWORDS[key]] = _clean(value)
+        else:
+            local[key if "." in key else _PREFIX + key] = _clean(value)
+    return request, local
