@@ -1,0 +1,391 @@
+"""Turns queued lifecycle records into finished spans, mirror lines and error-log records.
+
+The assembler is pure bookkeeping: no I/O, no SDK calls.  It runs on the worker thread (and, for
+``inject``, under the same lock on the caller's thread).  Span ids are chosen when a span opens, so
+the mirror line of a START event already carries the id the span will be exported with; spans are
+built with explicit start and end times once they close.
+"""
+
+from __future__ import annotations
+
+import random
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+
+from . import attributes as A
+from . import selflog
+from .events import EVENT_TO_STAGE_MAP, LoggingEventName
+from .mirror import MirrorRecord
+from .propagation import Carried, CarrierError, HandedSpan, decode, encode
+from .span_plan import CROSS_PROCESS_STAGES, PLAN, REQUEST_SPAN_NAME, STAGE_ORDER, Action
+
+# Queued record kinds: the first element of every tuple the calling threads enqueue.
+EVENT, ERROR, FINISH, ABORT, EXTRACT = range(5)
+# Every record is (kind, ts_ns, event, request_id, user, payload, thread, context, filename, lineno).
+Record = tuple
+
+_ids = random.SystemRandom()  # immune to random.seed() in the application (vLLM #10447)
+
+
+def new_span_id() -> int:
+    return _ids.getrandbits(64) or 1
+
+
+def new_trace_id() -> int:
+    return _ids.getrandbits(128) or 1
+
+
+@dataclass
+class SpanState:
+    """A span being assembled; once `end_ns` is set it is handed to the span builder."""
+
+    name: str
+    trace_id: int
+    span_id: int
+    parent_id: int  # 0: a root span
+    parent_remote: bool
+    sampled: bool
+    start_ns: int
+    stage: str
+    attributes: dict[str, Any] = field(default_factory=dict)
+    events: list[tuple[str, int, dict[str, Any]]] = field(default_factory=list)
+    exceptions: list[tuple[BaseException, int]] = field(default_factory=list)
+    error: str | None = None  # ERROR status description
+    implicit: bool = False
+    last_ns: int = 0
+    end_ns: int = 0
+
+
+@dataclass
+class RequestState:
+    request_id: str
+    user: object
+    trace_id: int
+    span_id: int  # the request span's id (remote in a copy)
+    owner: bool  # this process builds the request span
+    sampled: bool
+    last_ns: int
+    span: SpanState | None  # the request span, when owner
+    open: dict[str, SpanState] = field(default_factory=dict)  # open spans by name, in opening order
+    error: str | None = None
+
+
+@dataclass
+class ErrorLog:
+    ts_ns: int
+    request_id: str
+    trace_id: int
+    span_id: int
+    exc_type: str
+    message: str
+    traceback: str
+
+
+Sampler = Callable[[Context | None, int], bool]
+
+
+class Assembler:
+    def __init__(self, sampler: Sampler, capture_content: bool, max_requests: int, ttl_ns: int) -> None:
+        self._sampler = sampler
+        self._capture_content = capture_content
+        self._max_requests = max_requests
+        self._ttl_ns = ttl_ns
+        self.requests: dict[str, RequestState] = {}
+        # Recently finished requests, so a late event still lands in the same trace.
+        self._finished: dict[str, tuple[int, int, bool]] = {}
+        self.spans: list[SpanState] = []
+        self.lines: list[MirrorRecord] = []
+        self.errors: list[ErrorLog] = []
+        self.counters = {"evicted_requests": 0, "bad_carriers": 0, "anomalies": 0, "late_events": 0}
+
+    # ---- outputs -------------------------------------------------------------------------------
+    def take(self) -> tuple[list[SpanState], list[MirrorRecord], list[ErrorLog]]:
+        out = self.spans, self.lines, self.errors
+        self.spans, self.lines, self.errors = [], [], []
+        return out
+
+    # ---- records -------------------------------------------------------------------------------
+    def handle(self, rec: Record) -> None:
+        kind = rec[0]
+        if kind == EVENT:
+            self._event(rec)
+        elif kind == ERROR:
+            self._error(rec)
+        elif kind == FINISH:
+            self._finish(rec[3], rec[1], rec[5])
+        elif kind == ABORT:
+            self._abort(rec[3], rec[1], rec[5])
+        elif kind == EXTRACT:
+            self._extract(rec[3], rec[1], rec[5], rec[4])
+
+    def inject(self, request_id: str, now_ns: int) -> dict[str, str]:
+        """The carrier for `request_id`; open cross-process stages are handed to the receiver."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return {}
+        handed = []
+        for name in [n for n in req.open if n in CROSS_PROCESS_STAGES]:
+            span = req.open.pop(name)
+            self._close_children(req, span, now_ns, "unterminated: parent stage handed to another process")
+            handed.append(HandedSpan(span.name, span.span_id, span.start_ns, span.attributes, span.events))
+        return encode(req.trace_id, req.span_id, req.sampled, handed, req.error)
+
+    def sweep(self, now_ns: int) -> None:
+        """Evict requests idle for longer than the TTL: memory stays bounded."""
+        cutoff = now_ns - self._ttl_ns
+        stale = [rid for rid, r in self.requests.items() if r.last_ns < cutoff]
+        for rid in stale:
+            self._evict(rid, now_ns, f"evicted: no finish_request within {self._ttl_ns / 1e9:g}s")
+
+    def finish_all(self, now_ns: int, reason: str) -> None:
+        for rid in list(self.requests):
+            self._evict(rid, now_ns, reason)
+
+    # ---- request state -------------------------------------------------------------------------
+    def _request(self, request_id: str, ts: int, user: object, ctx: Context | None) -> RequestState:
+        req = self.requests.get(request_id)
+        if req is not None:
+            req.last_ns = ts
+            if user is not None and req.user is None:
+                req.user = user
+            return req
+        if len(self.requests) >= self._max_requests:
+            oldest = next(iter(self.requests))
+            self._evict(oldest, ts, f"evicted: more than {self._max_requests} requests in flight")
+        late = self._finished.pop(request_id, None)
+        if late is not None:
+            # An event after finish_request: same trace, under the finished request span.
+            self.counters["late_events"] += 1
+            trace_id, span_id, sampled = late
+            req = RequestState(request_id, user, trace_id, span_id, False, sampled, ts, None)
+        else:
+            parent = trace.get_current_span(ctx).get_span_context() if ctx is not None else None
+            if parent is not None and parent.is_valid:
+                trace_id = parent.trace_id
+            else:
+                trace_id, ctx = new_trace_id(), None
+            sampled = self._sampler(ctx, trace_id)
+            span = SpanState(
+                REQUEST_SPAN_NAME,
+                trace_id,
+                new_span_id(),
+                parent.span_id if ctx is not None else 0,
+                bool(ctx is not None and parent.is_remote),
+                sampled,
+                ts,
+                "",
+                attributes={A.REQUEST_ID: request_id},
+            )
+            req = RequestState(request_id, user, trace_id, span.span_id, True, sampled, ts, span)
+        self.requests[request_id] = req
+        return req
+
+    def _open(self, req: RequestState, name: str, stage: str, ts: int, implicit: bool = False) -> SpanState:
+        parent = req.span_id if name == stage else self._stage(req, stage, ts).span_id
+        span = SpanState(
+            name, req.trace_id, new_span_id(), parent, not req.owner and name == stage, req.sampled, ts, stage,
+            implicit=implicit, last_ns=ts,
+        )
+        span.attributes[A.REQUEST_ID] = req.request_id
+        span.attributes[A.STAGE] = stage
+        if req.user is not None:
+            span.attributes[A.USER_ID] = str(req.user)
+        if implicit:
+            span.attributes[A.IMPLICIT_START] = True
+        req.open[name] = span
+        return span
+
+    def _stage(self, req: RequestState, stage: str, ts: int) -> SpanState:
+        """The open stage span, opened implicitly when a sub-stage or point event needs it."""
+        span = req.open.get(stage)
+        if span is None:
+            self._end_implicit_before(req, stage)
+            span = self._open(req, stage, stage, ts, implicit=True)
+        return span
+
+    def _end_implicit_before(self, req: RequestState, stage: str) -> None:
+        order = STAGE_ORDER.index(stage)
+        for name, span in list(req.open.items()):
+            if span.implicit and name in STAGE_ORDER and STAGE_ORDER.index(name) < order:
+                self._close(req, span, span.last_ns)
+
+    def _close(self, req: RequestState, span: SpanState, ts: int, error: str | None = None) -> None:
+        req.open.pop(span.name, None)
+        self._close_children(req, span, ts, "unterminated: its stage ended first")
+        span.end_ns = max(ts, span.start_ns)
+        if error and not span.error:
+            span.error = error
+        parent = req.open.get(span.stage) if span.name != span.stage else None
+        if parent is not None:
+            parent.last_ns = max(parent.last_ns, span.end_ns)
+        if span.sampled:
+            self.spans.append(span)
+
+    def _close_children(self, req: RequestState, span: SpanState, ts: int, why: str) -> None:
+        for child in [c for c in req.open.values() if c.parent_id == span.span_id and c is not span]:
+            self._close(req, child, ts, why)
+
+    def _line(self, rec: Record, req: RequestState, span_id: int, stage: str) -> None:
+        _, ts, event, rid, user, _, thread, _, filename, lineno = rec
+        self.lines.append(
+            MirrorRecord(ts, filename, lineno, thread.ident or 0, thread.name, rid, user, event.value, stage, req.trace_id, span_id)
+        )
+
+    def _anomaly(self, span: SpanState, what: str, ts: int, event: str) -> None:
+        self.counters["anomalies"] += 1
+        span.events.append((A.ANOMALY, ts, {A.ANOMALY: what, "fastdeploy.event": event}))
+
+    # ---- record handlers -----------------------------------------------------------------------
+    def _event(self, rec: Record) -> None:
+        _, ts, event, rid, user, kwargs, _, ctx, _, _ = rec
+        req = self._request(rid, ts, user, ctx)
+        step = PLAN[event]
+        stage = EVENT_TO_STAGE_MAP[event].value
+        request_attrs, attrs = A.split_keywords(kwargs, self._capture_content) if kwargs else ({}, {})
+        if request_attrs:
+            if req.span is not None:
+                req.span.attributes.update(request_attrs)
+            else:
+                attrs.update(request_attrs)  # a copy cannot touch the request span; keep them on this one
+        action = step.action
+        if action is Action.OPEN and step.unless_open and step.unless_open in req.open:
+            span = req.open[step.unless_open]
+            span.events.append((event.value, ts, attrs))
+        elif action is Action.OPEN:
+            span = req.open.get(step.span)
+            if span is not None:
+                self._anomaly(span, "duplicate_start", ts, event.value)
+            else:
+                if step.is_stage:
+                    self._end_implicit_before(req, step.span)
+                span = self._open(req, step.span, step.stage, ts)
+                span.attributes.update(attrs)
+        elif action is Action.CLOSE:
+            span = req.open.get(step.span)
+            if span is None:
+                # END without START: a zero-length span, marked, so the END is still visible.
+                span = self._open(req, step.span, step.stage, ts)
+                span.attributes[A.ANOMALY] = "end_without_start"
+                self.counters["anomalies"] += 1
+            span.attributes.update(attrs)
+            self._close(req, span, ts)
+            for extra in step.also_closes:
+                if extra in req.open:
+                    self._close(req, req.open[extra], ts)
+        else:  # POINT, POINT_CLOSE
+            span = self._stage(req, step.stage, ts)
+            span.events.append((event.value, ts, attrs))
+            span.last_ns = ts
+            if action is Action.POINT_CLOSE:
+                self._close(req, span, ts)
+        self._line(rec, req, span.span_id, stage)
+
+    def _innermost(self, req: RequestState) -> SpanState | None:
+        if req.open:
+            return next(reversed(req.open.values()))
+        return req.span
+
+    def _error(self, rec: Record) -> None:
+        _, ts, _, rid, _, exc, _, ctx, _, _ = rec
+        req = self._request(rid, ts, None, ctx)
+        span = self._innermost(req)
+        exc_type = type(exc).__qualname__
+        message = f"{exc_type}: {exc}"
+        req.error = exc_type
+        if span is not None:
+            span.exceptions.append((exc, ts))
+            span.error = span.error or message
+        if req.span is not None and req.span is not span:
+            req.span.error = req.span.error or message
+        if req.span is not None:
+            req.span.attributes[A.ERROR_TYPE] = exc_type
+        span_id = span.span_id if span is not None else req.span_id
+        self.errors.append(ErrorLog(ts, rid, req.trace_id, span_id, exc_type, str(exc), format_traceback(exc)))
+
+    def _finish(self, rid: str, ts: int, kwargs: dict | None, error: str | None = None) -> None:
+        req = self.requests.pop(rid, None)
+        if req is None:
+            return
+        if kwargs and req.span is not None:
+            req.span.attributes.update(A.split_keywords(kwargs, self._capture_content)[0])
+        for span in list(req.open.values()):
+            if span.name not in req.open:
+                continue  # already closed as a child
+            if error:
+                self._close(req, span, ts, error)
+            elif span.implicit:
+                self._close(req, span, span.last_ns)
+            else:
+                self._close(req, span, ts, f"unterminated: {span.name} was still open when the request finished")
+        if req.span is not None:
+            span = req.span
+            if error and not span.error:
+                span.error = error
+            elif req.error and not span.error:
+                span.error = req.error
+            span.end_ns = max(ts, span.start_ns)
+            if span.sampled:
+                self.spans.append(span)
+        self._finished[rid] = (req.trace_id, req.span_id, req.sampled)
+        if len(self._finished) > 10_000:
+            self._finished.pop(next(iter(self._finished)))
+
+    def _abort(self, rid: str, ts: int, reason: str) -> None:
+        req = self.requests.get(rid)
+        if req is None:
+            return
+        mark = {A.ABORTED: True, A.ABORT_REASON: str(reason)}
+        for span in req.open.values():
+            span.attributes.update(mark)
+        if req.span is not None:
+            req.span.attributes.update(mark)
+            req.span.attributes[A.ERROR_TYPE] = "aborted"
+            req.span.events.append(("ABORTED", ts, {A.ABORT_REASON: str(reason)}))
+        self._finish(rid, ts, None, error=f"aborted: {reason}")
+
+    def _evict(self, rid: str, ts: int, reason: str) -> None:
+        self.counters["evicted_requests"] += 1
+        self._finish(rid, ts, None, error=reason)
+
+    def _extract(self, rid: str, ts: int, carrier: Any, ctx: Context | None) -> None:
+        try:
+            carried: Carried | None = decode(carrier)
+        except CarrierError as exc:
+            self.counters["bad_carriers"] += 1
+            selflog.report("bad-carrier", "extract(%r): ignoring a bad trace carrier: %s", rid[:64], exc)
+            carried = None
+        req = self.requests.get(rid)
+        if req is None:
+            self._finished.pop(rid, None)
+            if carried is None:
+                self._request(rid, ts, None, ctx)
+                return
+            req = RequestState(rid, None, carried.trace_id, carried.span_id, False, carried.sampled, ts, None)
+            self.requests[rid] = req
+        if carried is None:
+            return
+        if carried.trace_id != req.trace_id:
+            self.counters["bad_carriers"] += 1
+            selflog.report("carrier-trace", "extract(%r): carrier belongs to another trace; ignored", rid[:64])
+            return
+        for h in carried.stages:
+            if h.name in req.open:
+                continue
+            span = self._open(req, h.name, h.name, h.start_ns)
+            span.span_id = h.span_id
+            span.parent_id = req.span_id
+            span.parent_remote = not req.owner
+            span.attributes.update(h.attributes)
+            span.events.extend(h.events)
+        if carried.error:
+            req.error = req.error or carried.error
+            if req.span is not None:
+                req.span.attributes.setdefault(A.ERROR_TYPE, carried.error)
+
+
+def format_traceback(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))

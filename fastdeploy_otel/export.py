@@ -1,0 +1,203 @@
+"""The OTLP side: the TracerProvider (ours, or the application's), the exporter, and span building.
+
+Spans are built after the fact with the ids the assembler chose, through the SDK's own Tracer
+(so span limits, processors and exporters all apply as usual).  The ids are passed in through an
+IdGenerator that hands out the preset values.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Sequence
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.id_generator import IdGenerator
+from opentelemetry.sdk.trace.sampling import Decision
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+
+from . import selflog
+from .assembler import SpanState
+from .config import DEFAULT_SERVICE_NAME, Settings
+
+SCOPE = "fastdeploy_otel"
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_EXPORTER_LOGGERS = (
+    "opentelemetry.exporter.otlp.proto.grpc.exporter",
+    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    "opentelemetry.exporter.otlp.proto.http",
+)
+
+
+class _PresetIds(IdGenerator):
+    """Hands out the ids the assembler chose; used only by our tracer, on the worker thread."""
+
+    def __init__(self) -> None:
+        self.trace_id = 0
+        self.span_id = 0
+
+    def generate_span_id(self) -> int:
+        return self.span_id
+
+    def generate_trace_id(self) -> int:
+        return self.trace_id
+
+
+class _RateLimitFilter(logging.Filter):
+    """The OTLP exporters log every retry; pass their messages on at most once a minute."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        selflog.report("otlp-exporter:" + record.name, "OTLP exporter: %s", record.getMessage(), level=record.levelno)
+        return False
+
+
+class ReportingExporter(SpanExporter):
+    """Counts what was exported and says once when export starts failing, and once when it recovers."""
+
+    def __init__(self, inner: SpanExporter, target: str) -> None:
+        self.inner = inner
+        self.target = target
+        self.exported = 0
+        self.failed = 0
+        self._down = False
+        self._lock = threading.Lock()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        try:
+            result = self.inner.export(spans)
+        except Exception:  # an exporter bug must not kill the BSP thread
+            selflog.report("export-crash", "OTLP exporter raised; spans dropped", exc_info=True)
+            result = SpanExportResult.FAILURE
+        with self._lock:
+            if result is SpanExportResult.SUCCESS:
+                self.exported += len(spans)
+                if self._down:
+                    self._down = False
+                    selflog.logger.warning("OTLP export to %s recovered", self.target)
+            else:
+                self.failed += len(spans)
+                if not self._down:
+                    self._down = True
+                    selflog.logger.warning(
+                        "OTLP export to %s is failing; spans are dropped and counted (serving is not affected)",
+                        self.target,
+                    )
+        return result
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.inner.force_flush(timeout_millis)
+
+
+def make_exporter(settings: Settings) -> tuple[SpanExporter, str]:
+    """The OTLP exporter for the configured protocol; the exporters read the remaining env themselves."""
+    kwargs: dict = {}
+    if settings.headers is not None:
+        kwargs["headers"] = settings.headers
+    if settings.protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        if settings.endpoint:
+            kwargs["endpoint"] = settings.endpoint
+        if settings.insecure is not None:
+            kwargs["insecure"] = settings.insecure
+        if settings.certificate:
+            import grpc
+
+            with open(settings.certificate, "rb") as f:
+                kwargs["credentials"] = grpc.ssl_channel_credentials(f.read())
+        exporter = OTLPSpanExporter(**kwargs)
+        target = settings.endpoint or "localhost:4317"
+    else:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        if settings.endpoint:
+            kwargs["endpoint"] = traces_url(settings.endpoint)
+        if settings.certificate:
+            kwargs["certificate_file"] = settings.certificate
+        exporter = OTLPSpanExporter(**kwargs)
+        target = kwargs.get("endpoint", "http://localhost:4318/v1/traces")
+    return exporter, target
+
+
+def traces_url(endpoint: str) -> str:
+    """OTLP/HTTP: a base endpoint gets the ``/v1/traces`` path the spec appends."""
+    if os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip() == endpoint or endpoint.rstrip("/").endswith("/v1/traces"):
+        return endpoint
+    return endpoint.rstrip("/") + "/v1/traces"
+
+
+def make_resource(settings: Settings) -> Resource:
+    resource = Resource.create({"host.name": settings.host_name})
+    current = str(resource.attributes.get("service.name", ""))
+    if settings.service_name != DEFAULT_SERVICE_NAME or current.startswith("unknown_service"):
+        resource = resource.merge(Resource({"service.name": settings.service_name}))
+    return resource
+
+
+class OtelSink:
+    """Builds finished spans through an SDK tracer and owns the provider when we created it."""
+
+    def __init__(self, settings: Settings, extra_exporters: Sequence[SpanExporter] = ()) -> None:
+        current = trace.get_tracer_provider()
+        self.attached = isinstance(current, TracerProvider)
+        self.reporter: ReportingExporter | None = None
+        if self.attached:
+            # The application (e.g. `opentelemetry-instrument`) set up OTel: use its provider and pipeline.
+            self.provider = current
+        else:
+            self.provider = TracerProvider(resource=make_resource(settings))
+            exporter, target = make_exporter(settings)
+            self.reporter = ReportingExporter(exporter, target)
+            self.provider.add_span_processor(BatchSpanProcessor(self.reporter))
+            self._quiet = _RateLimitFilter()
+            for name in _EXPORTER_LOGGERS:
+                logging.getLogger(name).addFilter(self._quiet)
+        for extra in extra_exporters:
+            self.provider.add_span_processor(BatchSpanProcessor(extra))
+        self._ids = _PresetIds()
+        # Our tracer gets the preset id generator; the provider's own generator is left as it was.
+        saved = self.provider.id_generator
+        self.provider.id_generator = self._ids
+        try:
+            self.tracer = self.provider.get_tracer(SCOPE)
+        finally:
+            self.provider.id_generator = saved
+        self.sampler = self.provider.sampler
+        self.built = 0
+
+    def should_sample(self, ctx: Context | None, trace_id: int) -> bool:
+        result = self.sampler.should_sample(ctx, trace_id, "fastdeploy.request", SpanKind.INTERNAL)
+        return result.decision is Decision.RECORD_AND_SAMPLE
+
+    def build(self, s: SpanState) -> None:
+        if s.parent_id:
+            parent = SpanContext(s.trace_id, s.parent_id, is_remote=s.parent_remote, trace_flags=_SAMPLED)
+            ctx = trace.set_span_in_context(NonRecordingSpan(parent))
+        else:
+            ctx = Context()
+        self._ids.trace_id, self._ids.span_id = s.trace_id, s.span_id
+        span = self.tracer.start_span(s.name, context=ctx, attributes=s.attributes, start_time=s.start_ns)
+        for name, ts, attrs in s.events:
+            span.add_event(name, attrs, ts)
+        for exc, ts in s.exceptions:
+            span.record_exception(exc, timestamp=ts)
+        if s.error:
+            span.set_status(Status(StatusCode.ERROR, s.error))
+        span.end(s.end_ns)
+        self.built += 1
+
+    def shutdown(self) -> None:
+        if self.attached:
+            self.provider.force_flush()
+            return
+        self.provider.shutdown()
+        for name in _EXPORTER_LOGGERS:
+            logging.getLogger(name).removeFilter(self._quiet)

@@ -1,0 +1,149 @@
+"""The trace.log mirror: FastDeploy's line format, its escaping, its regex, and the rotating file.
+
+A line is what FastDeploy's ``trace_print`` writes, plus the ids of the span the event belongs to::
+
+    INFO     2026-04-28 10:15:02,118 81234 engine_client.py[line:412] [thread=139872645371712] \
+[thread_name=MainThread] [timestamp=1777342502118] [request_id=chatcmpl-7c1e_0] [user_id=None] \
+[event=PREPROCESSING_START] [stage=PREPROCESSING] [trace_id=<32 hex>] [span_id=<16 hex>] 
+
+Values are escaped (``\\``, ``[``, ``]``, control and line-separator characters become ``\\xNN`` /
+``\\uNNNN``; values over 256 characters are cut and marked), so no input can start a new line or
+forge a field.  ``LINE_RE`` and ``FIELD_RE`` parse a line back.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import re
+import time
+from typing import NamedTuple
+
+from . import selflog
+
+MAX_VALUE_LEN = 256
+
+LINE_RE = re.compile(
+    r"^(?P<level>[A-Z]+) +(?P<asctime>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (?P<pid>\d+) +"
+    r"(?P<file>\S+)\[line:(?P<line>\d+)\] (?P<fields>(?:\[[a-z_]+=(?:[^\[\]\\\n]|\\.)*\] )+)$"
+)
+FIELD_RE = re.compile(r"\[(?P<key>[a-z_]+)=(?P<value>(?:[^\[\]\\\n]|\\.)*)\]")
+
+_SAFE_SPECIALS = frozenset("[]\\")
+
+
+def escape(value: object) -> str:
+    """One field value that cannot break out of its brackets or its line."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= MAX_VALUE_LEN and text.isprintable() and not (_SAFE_SPECIALS & set(text)):
+        return text
+    cut = ""
+    if len(text) > MAX_VALUE_LEN:
+        cut = f"...(+{len(text) - MAX_VALUE_LEN} chars)"
+        text = text[:MAX_VALUE_LEN]
+    out = []
+    for ch in text:
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch in "[]" or (not ch.isprintable() and ch != " "):
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+        else:
+            out.append(ch)
+    return "".join(out) + cut
+
+
+def unescape(value: str) -> str:
+    """Inverse of escape (for values that were not cut)."""
+    return re.sub(
+        r"\\(\\|x[0-9a-f]{2}|u[0-9a-f]{4}|U[0-9a-f]{8})",
+        lambda m: "\\" if m.group(1) == "\\" else chr(int(m.group(1)[1:], 16)),
+        value,
+    )
+
+
+def parse_line(line: str) -> dict[str, str] | None:
+    """The fields of a mirror line (unescaped), plus level/asctime/pid/file/line; None if it is not one."""
+    m = LINE_RE.match(line.rstrip("\n"))
+    if m is None:
+        return None
+    out = {k: m.group(k) for k in ("level", "asctime", "pid", "file", "line")}
+    for f in FIELD_RE.finditer(m.group("fields")):
+        out[f.group("key")] = unescape(f.group("value"))
+    return out
+
+
+class MirrorRecord(NamedTuple):
+    """Everything one trace.log line needs; made by the assembler, formatted by the worker."""
+
+    ts_ns: int
+    filename: str
+    lineno: int
+    thread_id: int
+    thread_name: str
+    request_id: str
+    user: object
+    event: str
+    stage: str
+    trace_id: int
+    span_id: int
+
+
+class _AscTime:
+    """``2026-04-28 10:15:02,118`` for an epoch-ns time, caching the per-second part."""
+
+    def __init__(self) -> None:
+        self._sec = -1
+        self._text = ""
+
+    def __call__(self, ts_ns: int) -> str:
+        sec, ms = divmod(ts_ns // 1_000_000, 1000)
+        if sec != self._sec:
+            self._sec, self._text = sec, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sec))
+        return f"{self._text},{ms:03d}"
+
+
+class LineFormatter:
+    def __init__(self) -> None:
+        self._asctime = _AscTime()
+        self._pid = os.getpid()
+
+    def __call__(self, r: MirrorRecord) -> str:
+        user = "" if r.user == "" else f"[user_id={escape(r.user)}] "  # FastDeploy drops an empty user
+        return (
+            f"INFO     {self._asctime(r.ts_ns)} {self._pid:<5} {escape(os.path.basename(r.filename))}[line:{r.lineno}] "
+            f"[thread={r.thread_id}] [thread_name={escape(r.thread_name)}] [timestamp={r.ts_ns // 1_000_000}] "
+            f"[request_id={escape(r.request_id)}] {user}[event={r.event}] [stage={r.stage}] "
+            f"[trace_id={r.trace_id:032x}] [span_id={r.span_id:016x}] "
+        )
+
+
+class _DailyFile(logging.handlers.TimedRotatingFileHandler):
+    """The stdlib's midnight rotation: ``trace.log`` is today's file, older days are ``trace.log.YYYY-MM-DD``."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # full disk, removed directory...
+        selflog.report("mirror-write", "trace.log mirror: write to %s failed; lines are being dropped", self.baseFilename, exc_info=True)
+
+
+class TraceLogMirror:
+    """Writes batches of mirror lines, one ``write`` per batch."""
+
+    def __init__(self, log_dir: str, backup_count: int = 7, file_name: str = "trace.log") -> None:
+        os.makedirs(log_dir, exist_ok=True)
+        self.path = os.path.join(log_dir, file_name)
+        self._file = _DailyFile(self.path, when="midnight", backupCount=backup_count, encoding="utf-8", delay=True)
+        self._file.setFormatter(logging.Formatter("%(message)s"))
+        self._format = LineFormatter()
+        self.lines_written = 0
+
+    def write(self, records: list[MirrorRecord]) -> None:
+        if not records:
+            return
+        text = "\n".join(map(self._format, records))
+        # One LogRecord per batch: the handler checks rotation once and writes once.
+        self._file.handle(logging.makeLogRecord({"msg": text, "levelno": logging.INFO, "levelname": "INFO"}))
+        self.lines_written += len(records)
+
+    def close(self) -> None:
+        self._file.close()
