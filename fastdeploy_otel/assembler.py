@@ -85,6 +85,9 @@ class ErrorLog:
     traceback: str
 
 
+# Attributes every process sets for itself; not worth carrying.
+_PER_PROCESS = frozenset({A.REQUEST_ID, A.STAGE, A.USER_ID})
+
 Sampler = Callable[[Context | None, int], bool]
 
 
@@ -131,7 +134,8 @@ class Assembler:
         for name in [n for n in req.open if n in CROSS_PROCESS_STAGES]:
             span = req.open.pop(name)
             self._close_children(req, span, now_ns, "unterminated: parent stage handed to another process")
-            handed.append(HandedSpan(span.name, span.span_id, span.start_ns, span.attributes, span.events))
+            attrs = {k: v for k, v in span.attributes.items() if k not in _PER_PROCESS}
+            handed.append(HandedSpan(span.name, span.span_id, span.start_ns, attrs, span.events))
         return encode(req.trace_id, req.span_id, req.sampled, handed, req.error)
 
     def sweep(self, now_ns: int) -> None:
@@ -257,7 +261,12 @@ class Assembler:
             span.events.append((event.value, ts, attrs))
         elif action is Action.OPEN:
             span = req.open.get(step.span)
-            if span is not None:
+            if span is not None and span.implicit:
+                # The stage was opened by an earlier sub-stage or point event: the START adopts it.
+                span.implicit = False
+                span.attributes.pop(A.IMPLICIT_START, None)
+                span.attributes.update(attrs)
+            elif span is not None:
                 self._anomaly(span, "duplicate_start", ts, event.value)
             else:
                 if step.is_stage:

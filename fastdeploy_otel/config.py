@@ -47,6 +47,10 @@ class Settings:
     headers: dict[str, str] | None = None
     insecure: bool | None = None
     certificate: str | None = None
+    timeout_s: float | None = None  # OTLP export timeout
+    sampler: str = "parentbased_always_on"
+    sampler_arg: float = 1.0
+    bsp: dict[str, int] = field(default_factory=dict)  # BatchSpanProcessor keyword arguments
     capture_content: bool = False
     strict: bool = False  # unknown events raise at the call site (tests), instead of a counted drop
     max_pending: int = 65536  # events buffered between the calling threads and the worker
@@ -110,6 +114,14 @@ def parse_headers(name: str, value: str) -> dict[str, str]:
     return headers
 
 
+_BSP = {
+    "OTEL_BSP_SCHEDULE_DELAY": "schedule_delay_millis",
+    "OTEL_BSP_MAX_QUEUE_SIZE": "max_queue_size",
+    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "max_export_batch_size",
+    "OTEL_BSP_EXPORT_TIMEOUT": "export_timeout_millis",
+}
+
+
 def _from_env(env: Mapping[str, str]) -> tuple[dict[str, Any], list[ConfigError]]:
     """Read every variable we know; collect one error per bad variable."""
     out: dict[str, Any] = {}
@@ -161,12 +173,20 @@ def _from_env(env: Mapping[str, str]) -> tuple[dict[str, Any], list[ConfigError]
     read(("FD_TRACE_REQUEST_TTL",), "request_ttl_s", lambda n, v: _number(n, v, float, 0.001))
     read(("FD_TRACE_FLUSH_INTERVAL_MS",), "flush_interval_s", lambda n, v: _number(n, v, float, 1) / 1000)
 
-    # Variables the SDK reads itself: validate here so the message is ours and names them.
-    read(("OTEL_TRACES_SAMPLER",), "_sampler", choice(SAMPLERS))
-    if out.get("_sampler", "").endswith("traceidratio"):
-        read(("OTEL_TRACES_SAMPLER_ARG",), "_sampler_arg", lambda n, v: _number(n, v, float, 0.0, 1.0))
-    for bsp in ("OTEL_BSP_SCHEDULE_DELAY", "OTEL_BSP_MAX_QUEUE_SIZE", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "OTEL_BSP_EXPORT_TIMEOUT"):
-        read((bsp,), "_" + bsp, lambda n, v: _number(n, v, int, 1))
+    read(("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"), "timeout_s", lambda n, v: _number(n, v, float, 0.001) / 1000)
+    read(("OTEL_TRACES_SAMPLER",), "sampler", choice(SAMPLERS))
+    if out.get("sampler", "").endswith("traceidratio"):
+        read(("OTEL_TRACES_SAMPLER_ARG",), "sampler_arg", lambda n, v: _number(n, v, float, 0.0, 1.0))
+    bsp = {}
+    for name, key in _BSP.items():
+        found = _first(env, name)
+        if found is not None:
+            try:
+                bsp[key] = _number(*found, int, 1)
+            except ConfigError as exc:
+                errors.append(exc)
+    if bsp:
+        out["bsp"] = bsp
     read(("OTEL_SDK_DISABLED",), "_sdk_disabled", _bool)
     return out, errors
 
@@ -190,6 +210,8 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> tup
     settings = Settings(**values)
     if settings.mode not in MODES:
         raise ConfigError(f"mode={settings.mode!r} is not one of {', '.join(MODES)}")
+    if settings.sampler not in SAMPLERS:
+        raise ConfigError(f"sampler={settings.sampler!r} is not one of {', '.join(SAMPLERS)}")
     if settings.protocol not in PROTOCOLS:
         raise ConfigError(f"protocol={settings.protocol!r} is not one of {', '.join(PROTOCOLS)}")
     if sdk_disabled and settings.otel:

@@ -18,7 +18,14 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.id_generator import IdGenerator
-from opentelemetry.sdk.trace.sampling import Decision
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    Decision,
+    ParentBased,
+    Sampler,
+    TraceIdRatioBased,
+)
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from . import selflog
@@ -99,6 +106,8 @@ class ReportingExporter(SpanExporter):
 def make_exporter(settings: Settings) -> tuple[SpanExporter, str]:
     """The OTLP exporter for the configured protocol; the exporters read the remaining env themselves."""
     kwargs: dict = {}
+    if settings.timeout_s is not None:
+        kwargs["timeout"] = settings.timeout_s
     if settings.headers is not None:
         kwargs["headers"] = settings.headers
     if settings.protocol == "grpc":
@@ -134,8 +143,17 @@ def traces_url(endpoint: str) -> str:
     return endpoint.rstrip("/") + "/v1/traces"
 
 
+def make_sampler(settings: Settings) -> Sampler:
+    """OTEL_TRACES_SAMPLER's names, built from the (validated) settings."""
+    name = settings.sampler
+    base = {"always_on": ALWAYS_ON, "always_off": ALWAYS_OFF}.get(name.replace("parentbased_", ""))
+    if base is None:
+        base = TraceIdRatioBased(settings.sampler_arg)
+    return ParentBased(base) if name.startswith("parentbased_") else base
+
+
 def make_resource(settings: Settings) -> Resource:
-    resource = Resource.create({"host.name": settings.host_name})
+    resource = Resource.create({"host.name": settings.host_name, "process.pid": os.getpid()})
     current = str(resource.attributes.get("service.name", ""))
     if settings.service_name != DEFAULT_SERVICE_NAME or current.startswith("unknown_service"):
         resource = resource.merge(Resource({"service.name": settings.service_name}))
@@ -153,10 +171,10 @@ class OtelSink:
             # The application (e.g. `opentelemetry-instrument`) set up OTel: use its provider and pipeline.
             self.provider = current
         else:
-            self.provider = TracerProvider(resource=make_resource(settings))
+            self.provider = TracerProvider(resource=make_resource(settings), sampler=make_sampler(settings))
             exporter, target = make_exporter(settings)
             self.reporter = ReportingExporter(exporter, target)
-            self.provider.add_span_processor(BatchSpanProcessor(self.reporter))
+            self.provider.add_span_processor(BatchSpanProcessor(self.reporter, **settings.bsp))
             self._quiet = _RateLimitFilter()
             for name in _EXPORTER_LOGGERS:
                 logging.getLogger(name).addFilter(self._quiet)

@@ -146,4 +146,7 @@ class TraceLogMirror:
         self.lines_written += len(records)
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:
+            selflog.report("mirror-close", "trace.log mirror: closing %s failed; buffered lines lost", self.path, exc_info=True)

@@ -1,0 +1,172 @@
+"""A small real OTLP trace receiver (gRPC and HTTP/protobuf) on 127.0.0.1 that keeps spans in memory.
+
+Used by the tests and the bench as the far end of a real export: the spans arrive over the wire,
+encoded by the SDK's own OTLP exporters, and are decoded back from protobuf here.
+"""
+
+from __future__ import annotations
+
+import gzip
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+
+
+def _value(v: AnyValue) -> Any:
+    kind = v.WhichOneof("value")
+    if kind == "array_value":
+        return [_value(x) for x in v.array_value.values]
+    if kind == "kvlist_value":
+        return {kv.key: _value(kv.value) for kv in v.kvlist_value.values}
+    return getattr(v, kind) if kind else None
+
+
+def _attrs(kvs) -> dict[str, Any]:
+    return {kv.key: _value(kv.value) for kv in kvs}
+
+
+@dataclass
+class ReceivedSpan:
+    name: str
+    trace_id: str  # 32 hex
+    span_id: str  # 16 hex
+    parent_span_id: str  # "" for a root
+    start_ns: int
+    end_ns: int
+    attributes: dict[str, Any]
+    events: list[dict[str, Any]]
+    status_code: int  # 0 unset, 1 ok, 2 error
+    status_message: str
+    resource: dict[str, Any] = field(default_factory=dict)
+    kind: int = 0
+
+    @property
+    def is_error(self) -> bool:
+        return self.status_code == 2
+
+
+class SpanStore:
+    def __init__(self) -> None:
+        self._spans: list[ReceivedSpan] = []
+        self._cond = threading.Condition()
+        self.requests = 0
+
+    def add(self, req: trace_service_pb2.ExportTraceServiceRequest) -> None:
+        spans = []
+        for rs in req.resource_spans:
+            resource = _attrs(rs.resource.attributes)
+            for ss in rs.scope_spans:
+                for s in ss.spans:
+                    spans.append(
+                        ReceivedSpan(
+                            name=s.name,
+                            trace_id=s.trace_id.hex(),
+                            span_id=s.span_id.hex(),
+                            parent_span_id=s.parent_span_id.hex(),
+                            start_ns=s.start_time_unix_nano,
+                            end_ns=s.end_time_unix_nano,
+                            attributes=_attrs(s.attributes),
+                            events=[
+                                {"name": e.name, "time_ns": e.time_unix_nano, "attributes": _attrs(e.attributes)}
+                                for e in s.events
+                            ],
+                            status_code=s.status.code,
+                            status_message=s.status.message,
+                            resource=resource,
+                            kind=s.kind,
+                        )
+                    )
+        with self._cond:
+            self.requests += 1
+            self._spans.extend(spans)
+            self._cond.notify_all()
+
+    def spans(self) -> list[ReceivedSpan]:
+        with self._cond:
+            return list(self._spans)
+
+    def wait_for(self, predicate, timeout: float = 10.0) -> list[ReceivedSpan]:
+        """Wait until predicate(spans) is true; returns the spans (raises TimeoutError otherwise)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not predicate(self._spans):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"receiver has {len(self._spans)} spans; condition not met in {timeout}s")
+                self._cond.wait(left)
+            return list(self._spans)
+
+    def clear(self) -> None:
+        with self._cond:
+            self._spans.clear()
+
+
+class _Servicer(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self, store: SpanStore) -> None:
+        self.store = store
+
+    def Export(self, request, context):  # noqa: N802 - gRPC method name
+        self.store.add(request)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+class OtlpReceiver:
+    """``with OtlpReceiver() as r:`` then export to ``r.grpc_endpoint`` or ``r.http_endpoint``."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.store = SpanStore()
+        self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Servicer(self.store), self._grpc)
+        self.grpc_port = self._grpc.add_insecure_port(f"{host}:0")
+        store = self.store
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                if self.path != "/v1/traces":
+                    self.send_response(404)
+                    self.end_headers()
+                    return
+                req = trace_service_pb2.ExportTraceServiceRequest()
+                req.ParseFromString(body)
+                store.add(req)
+                payload = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args: Any) -> None:
+                return
+
+        self._http = ThreadingHTTPServer((host, 0), Handler)
+        self.http_port = self._http.server_address[1]
+        self.grpc_endpoint = f"http://{host}:{self.grpc_port}"
+        self.http_endpoint = f"http://{host}:{self.http_port}"
+        self._http_thread = threading.Thread(target=self._http.serve_forever, name="otlp-http-receiver", daemon=True)
+
+    def start(self) -> "OtlpReceiver":
+        self._grpc.start()
+        self._http_thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._grpc.stop(grace=None)
+        self._http.shutdown()
+        self._http.server_close()
+
+    def __enter__(self) -> "OtlpReceiver":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
