@@ -1,0 +1,180 @@
+"""Crossing a real OS process boundary, OTLP/HTTP export, and configuration."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import fastdeploy_otel as fdt
+from fastdeploy_otel import attributes as A
+from fastdeploy_otel.config import ConfigError, load_settings
+from fastdeploy_otel.events import LoggingEventName as E
+from fastdeploy_otel.lifecycles import MIXED
+from fastdeploy_otel.span_plan import REQUEST_SPAN_NAME
+
+from .conftest import read_mirror
+
+
+def _engine(endpoint: str, log_dir: str, carrier: dict, out) -> None:
+    """Runs in a spawned process: FastDeploy's engine side of one request."""
+    fdt.configure(mode="all", endpoint=endpoint, log_dir=log_dir, strict=True, env={})
+    fdt.extract("xp_0", carrier)
+    for event, attrs in MIXED[1:-1]:  # PREPROCESSING_END ... WRITE_CACHE_TO_STORAGE_END
+        fdt.trace_print(event, "xp_0", "carol", **attrs)
+    back = fdt.inject("xp_0")
+    fdt.finish_request("xp_0")
+    fdt.shutdown()
+    out.put(back)
+
+
+def test_stages_cross_a_real_process_boundary_as_one_span(traced, receiver, tmp_path):
+    traced()
+    log_dir = str(tmp_path / "log")
+    fdt.trace_print(E.PREPROCESSING_START, "xp", "carol")
+    carrier = fdt.inject("xp")
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    child = ctx.Process(target=_engine, args=(receiver.grpc_endpoint, str(tmp_path / "engine-log"), carrier, out))
+    child.start()
+    back = out.get(timeout=60)
+    child.join(timeout=30)
+    assert child.exitcode == 0
+    fdt.extract("xp", back)
+    fdt.trace_print(E.POSTPROCESSING_END, "xp", "carol")
+    fdt.finish_request("xp")
+    fdt.flush()
+    spans = receiver.store.wait_for(lambda s: any(x.name == REQUEST_SPAN_NAME for x in s) and len(s) >= 10)
+    root = [s for s in spans if s.name == REQUEST_SPAN_NAME][0]
+    assert {s.trace_id for s in spans} == {root.trace_id}
+    pids = {s.name: s.resource["process.pid"] for s in spans}
+    assert pids[REQUEST_SPAN_NAME] != pids["SCHEDULE"]  # really two processes
+    (pre,) = [s for s in spans if s.name == "PREPROCESSING"]
+    (post,) = [s for s in spans if s.name == "POSTPROCESSING"]
+    assert pre.parent_span_id == root.span_id and post.parent_span_id == root.span_id
+    # PREPROCESSING: started here, ended (and exported) by the engine process; POSTPROCESSING the reverse.
+    assert pre.resource["process.pid"] == pids["SCHEDULE"]
+    assert post.resource["process.pid"] == pids[REQUEST_SPAN_NAME]
+    (write,) = [s for s in spans if s.name == "WRITE_CACHE_TO_STORAGE"]
+    assert write.parent_span_id == post.span_id  # a child made in the engine, under the handed-over stage
+    here = read_mirror(log_dir)
+    there = read_mirror(str(tmp_path / "engine-log"))
+    pre_lines = [l for l in here + there if l["stage"] == "PREPROCESSING"]
+    assert [l["event"] for l in pre_lines] == ["PREPROCESSING_START", "PREPROCESSING_END"]
+    assert {l["span_id"] for l in pre_lines} == {pre.span_id}
+    assert {l["trace_id"] for l in here + there} == {root.trace_id}
+    assert pre.start_ns // 1_000_000 == int(pre_lines[0]["timestamp"])
+
+
+def test_http_continues_a_callers_traceparent(traced, receiver):
+    traced(protocol="http/protobuf", endpoint=receiver.http_endpoint)
+    caller_trace, caller_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+    from opentelemetry import context
+
+    ctx = TraceContextTextMapPropagator().extract({"traceparent": f"00-{caller_trace}-{caller_span}-01"})
+    token = context.attach(ctx)
+    try:
+        fdt.trace_print(E.PREPROCESSING_START, "http-1", model="tiny")
+    finally:
+        context.detach(token)
+    fdt.trace_print(E.PREPROCESSING_END, "http-1")
+    fdt.finish_request("http-1")
+    fdt.flush()
+    spans = receiver.store.wait_for(lambda s: any(x.name == REQUEST_SPAN_NAME for x in s))
+    root = [s for s in spans if s.name == REQUEST_SPAN_NAME][0]
+    assert root.trace_id == caller_trace and root.parent_span_id == caller_span
+    assert root.attributes[A.GEN_AI_REQUEST_MODEL] == "tiny"
+
+
+def test_malformed_carrier_degrades_and_is_counted(traced, receiver, caplog):
+    caplog.set_level(logging.WARNING, logger="fastdeploy_otel")
+    traced()
+    for bad in ({"traceparent": "00-zz-11-01"}, {"traceparent": "00-" + "0" * 32 + "-" + "1" * 16 + "-01"}, "nope",
+                {"traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01", "fastdeploy-stages": "[{\"n\": \"X\"}]"}):
+        fdt.extract("bad", bad)
+    fdt.trace_print(E.PREPROCESSING_END, "bad")
+    fdt.finish_request("bad")
+    fdt.flush()
+    assert fdt.stats()["bad_carriers"] == 4
+    assert len([r for r in caplog.records if "bad trace carrier" in r.getMessage()]) == 1
+    spans = receiver.store.wait_for(lambda s: any(x.name == "PREPROCESSING" for x in s))
+    assert spans  # the request is still traced
+
+
+def test_bad_env_value_is_one_clear_message_naming_the_variable(caplog):
+    caplog.set_level(logging.ERROR, logger="fastdeploy_otel")
+    env = {"FD_TRACE": "verbose", "OTEL_TRACES_SAMPLER_ARG": "2", "OTEL_TRACES_SAMPLER": "traceidratio"}
+    settings, errors = load_settings(env)
+    assert settings.mode == "local" and settings.sampler_arg == 1.0  # defaults kept
+    text = " | ".join(map(str, errors))
+    assert "FD_TRACE='verbose'" in text and "off, local, otel, all" in text
+    assert "OTEL_TRACES_SAMPLER_ARG" in text
+    with pytest.raises(ConfigError, match="FD_TRACE"):
+        fdt.configure(env={"FD_TRACE": "verbose"}, strict_config=True)
+    fdt.configure(env={"FD_TRACE": "verbose", "FD_LOG_DIR": "/tmp/fdotel-badenv"})
+    fdt.shutdown()
+    msgs = [r.getMessage() for r in caplog.records]
+    assert sum("FD_TRACE" in m for m in msgs) == 1
+    assert not any("Traceback" in m for m in msgs)
+
+
+def test_headers_are_never_logged_or_printed(caplog):
+    caplog.set_level(logging.DEBUG)
+    secret = "Bearer s3cr3t-token"
+    settings, errors = load_settings({"OTEL_EXPORTER_OTLP_HEADERS": f"authorization={secret}", "FD_TRACE": "otel"})
+    assert settings.headers == {"authorization": secret}
+    assert secret not in repr(settings)
+    _, errors = load_settings({"OTEL_EXPORTER_OTLP_HEADERS": f"{secret}"})
+    assert errors and secret not in str(errors[0]) and "OTEL_EXPORTER_OTLP_HEADERS" in str(errors[0])
+    fdt.configure(env={"OTEL_EXPORTER_OTLP_HEADERS": f"authorization={secret}", "FD_TRACE": "otel",
+                       "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9", "OTEL_EXPORTER_OTLP_TIMEOUT": "200",
+                       "FD_LOG_DIR": "/tmp/fdotel-headers"})
+    fdt.trace_print(E.PREPROCESSING_START, "h")
+    fdt.finish_request("h")
+    fdt.flush()
+    fdt.shutdown()
+    assert not any(secret in r.getMessage() for r in caplog.records)
+
+
+def test_explicit_arguments_win_over_the_environment():
+    settings, _ = load_settings({"FD_TRACE": "otel", "FD_LOG_DIR": "/env", "OTEL_SERVICE_NAME": "env-svc"},
+                                mode="local", log_dir="/arg")
+    assert (settings.mode, settings.log_dir, settings.service_name) == ("local", "/arg", "env-svc")
+    settings, _ = load_settings({"FD_SERVICE_NAME": "fd-svc"})
+    assert settings.service_name == "fd-svc"
+    settings, _ = load_settings({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317"})
+    assert settings.mode == "all"  # an endpoint turns export on when FD_TRACE is unset
+    settings, _ = load_settings({"OTEL_SDK_DISABLED": "true", "FD_TRACE": "all"})
+    assert settings.mode == "local"
+
+
+def test_attaches_to_an_existing_tracer_provider(receiver, tmp_path):
+    """Under `opentelemetry-instrument` the app owns the provider: spans go through its pipeline."""
+    script = textwrap.dedent(f"""
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+        import fastdeploy_otel as fdt
+        mem = InMemorySpanExporter()
+        app = TracerProvider()
+        app.add_span_processor(SimpleSpanProcessor(mem))
+        trace.set_tracer_provider(app)
+        fdt.configure(mode="all", log_dir={str(tmp_path)!r}, env={{}}, endpoint="http://127.0.0.1:9")
+        assert fdt.get_tracer_provider() is app
+        fdt.trace_print("PREPROCESSING_START", "a")
+        fdt.trace_print("PREPROCESSING_END", "a")
+        fdt.finish_request("a")
+        fdt.shutdown()
+        names = sorted(s.name for s in mem.get_finished_spans())
+        assert names == ["PREPROCESSING", "fastdeploy.request"], names
+        assert app.id_generator.__class__.__name__ == "RandomIdGenerator"
+        print("OK")
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr
