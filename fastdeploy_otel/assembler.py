@@ -196,8 +196,6 @@ class Assembler:
         )
         span.attributes[A.REQUEST_ID] = req.request_id
         span.attributes[A.STAGE] = stage
-        if req.user is not None:
-            span.attributes[A.USER_ID] = str(req.user)
         if implicit:
             span.attributes[A.IMPLICIT_START] = True
         req.open[name] = span
@@ -223,6 +221,8 @@ class Assembler:
         span.end_ns = max(ts, span.start_ns)
         if error and not span.error:
             span.error = error
+        if req.user is not None:  # the user may only be known from a later event
+            span.attributes[A.USER_ID] = str(req.user)
         parent = req.open.get(span.stage) if span.name != span.stage else None
         if parent is not None:
             parent.last_ns = max(parent.last_ns, span.end_ns)
@@ -337,6 +337,8 @@ class Assembler:
             elif req.error and not span.error:
                 span.error = req.error
             span.end_ns = max(ts, span.start_ns)
+            if req.user is not None:
+                span.attributes[A.USER_ID] = str(req.user)
             if span.sampled:
                 self.spans.append(span)
         self._finished[rid] = (req.trace_id, req.span_id, req.sampled)

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 MODES = ("off", "local", "otel", "all")
 PROTOCOLS = ("grpc", "http/protobuf")
+EXPORTERS = ("otlp", "console", "none")
 SAMPLERS = (
     "always_on",
     "always_off",
@@ -43,6 +44,8 @@ class Settings:
     service_name: str = DEFAULT_SERVICE_NAME
     host_name: str = field(default_factory=socket.gethostname)
     protocol: str = DEFAULT_PROTOCOL
+    exporter: str = "otlp"  # OTEL_TRACES_EXPORTER: otlp, console or none
+    json_file: str | None = None  # also write spans as OTLP JSON lines here (no collector needed)
     endpoint: str | None = None  # None: the exporter's own env handling and default
     headers: dict[str, str] | None = None
     insecure: bool | None = None
@@ -150,6 +153,8 @@ def _from_env(env: Mapping[str, str]) -> tuple[dict[str, Any], list[ConfigError]
     read(("OTEL_SERVICE_NAME", "FD_SERVICE_NAME"), "service_name", lambda n, v: v)
     read(("FD_HOST_NAME",), "host_name", lambda n, v: v)
     read(("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"), "protocol", choice(PROTOCOLS))
+    read(("OTEL_TRACES_EXPORTER",), "exporter", choice(EXPORTERS))
+    read(("FD_TRACE_JSON_FILE",), "json_file", lambda n, v: v)
     read(("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"), "headers", parse_headers)
     read(("OTEL_EXPORTER_OTLP_TRACES_INSECURE", "OTEL_EXPORTER_OTLP_INSECURE"), "insecure", _bool)
 

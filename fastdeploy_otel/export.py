@@ -104,7 +104,12 @@ class ReportingExporter(SpanExporter):
 
 
 def make_exporter(settings: Settings) -> tuple[SpanExporter, str]:
-    """The OTLP exporter for the configured protocol; the exporters read the remaining env themselves."""
+    """The OTLP exporter for the configured protocol (or the console one); the exporters read the
+    remaining env themselves."""
+    if settings.exporter == "console":
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+        return ConsoleSpanExporter(), "console"
     kwargs: dict = {}
     if settings.timeout_s is not None:
         kwargs["timeout"] = settings.timeout_s
@@ -172,12 +177,17 @@ class OtelSink:
             self.provider = current
         else:
             self.provider = TracerProvider(resource=make_resource(settings), sampler=make_sampler(settings))
-            exporter, target = make_exporter(settings)
-            self.reporter = ReportingExporter(exporter, target)
-            self.provider.add_span_processor(BatchSpanProcessor(self.reporter, **settings.bsp))
+            if settings.exporter != "none":
+                exporter, target = make_exporter(settings)
+                self.reporter = ReportingExporter(exporter, target)
+                self.provider.add_span_processor(BatchSpanProcessor(self.reporter, **settings.bsp))
             self._quiet = _RateLimitFilter()
             for name in _EXPORTER_LOGGERS:
                 logging.getLogger(name).addFilter(self._quiet)
+        if settings.json_file:
+            from .otlp_json import OtlpJsonLinesExporter
+
+            extra_exporters = [*extra_exporters, OtlpJsonLinesExporter(settings.json_file)]
         for extra in extra_exporters:
             self.provider.add_span_processor(BatchSpanProcessor(extra))
         self._ids = _PresetIds()
@@ -216,6 +226,6 @@ class OtelSink:
         if self.attached:
             self.provider.force_flush()
             return
-        self.provider.shutdown()
+        self.provider.shutdown()  # flushes and shuts down every processor and exporter
         for name in _EXPORTER_LOGGERS:
             logging.getLogger(name).removeFilter(self._quiet)

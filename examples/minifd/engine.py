@@ -1,0 +1,373 @@
+"""The engine process: FastDeploy's engine threads in miniature, traced at FastDeploy's call sites.
+
+    insert task ──> scheduler ──> model runner ──> token processor ──> API server
+    (ZMQ PULL)     (waiting queue,   (Paddle prefill    (first token, finish,
+                    KV blocks,        and batched        outputs over ZMQ PUSH)
+                    preemption)       decode)
+
+Run as ``python -m minifd.engine --recv ADDR --send ADDR``; tracing is configured from the
+environment (FD_TRACE, FD_LOG_DIR, OTEL_*), as in FastDeploy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zmq
+
+import fastdeploy_otel as fdt
+from fastdeploy_otel import LoggingEventName as E
+
+from .kv_cache import NoFreeBlocks, PrefixCacheManager
+from .model import ModelConfig, TinyTransformer, sample
+from .tokenizer import EOS_ID
+
+log = logging.getLogger("minifd.engine")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = ModelConfig()
+    gpu_blocks: int = 48
+    cpu_blocks: int = 96
+    max_batch: int = 8
+
+
+@dataclass
+class Request:
+    rid: str
+    user: str | None
+    prompt: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    stream: bool
+    logit_bias: dict[int, float]
+    rng: np.random.Generator
+    output: list[int] = field(default_factory=list)
+    cached_tokens: int = 0
+    started: bool = False  # INFERENCE_START was traced (a resumed request gets RESCHEDULED_INFERENCE_START)
+    allocating: bool = False  # RESOURCE_ALLOCATE_START was traced for this scheduling attempt
+    preemptions: int = 0
+
+    def tokens(self) -> list[int]:
+        """What the model must have in its KV cache: the prompt plus what was generated so far."""
+        return self.prompt + self.output
+
+
+@dataclass
+class StepResult:
+    req: Request
+    token: int | None = None
+    error: BaseException | None = None
+
+
+class Engine:
+    def __init__(self, cfg: EngineConfig, recv_addr: str, send_addr: str) -> None:
+        self.cfg = cfg
+        self.model = TinyTransformer(cfg.model)
+        self.cache = PrefixCacheManager(cfg.model, cfg.gpu_blocks, cfg.cpu_blocks)
+        self._ctx = zmq.Context()
+        self._recv = self._ctx.socket(zmq.PULL)
+        self._recv.connect(recv_addr)
+        self._send = self._ctx.socket(zmq.PUSH)
+        self._send.connect(send_addr)
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self._lock = threading.Condition()
+        self._aborts: set[str] = set()
+        self._steps: queue.Queue = queue.Queue(maxsize=1)
+        self._results: queue.Queue = queue.Queue(maxsize=1)
+        self._outputs: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+
+    # ---- insert task thread (FastDeploy: _insert_zmq_task_to_scheduler) --------------------------
+    def insert_loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._recv, zmq.POLLIN)
+        while not self._stop.is_set():
+            if not poller.poll(100):
+                continue
+            msg = self._recv.recv_json()
+            if msg.get("type") == "abort":
+                with self._lock:
+                    self._aborts.add(msg["request_id"])
+                    self._lock.notify()
+                continue
+            rid = msg["request_id"]
+            fdt.extract(rid, msg.get("trace_carrier"))
+            user = msg.get("user")
+            fdt.trace_print(E.PREPROCESSING_END, rid, user)
+            fdt.trace_print(E.REQUEST_SCHEDULE_START, rid, user)
+            fdt.trace_print(E.REQUEST_QUEUE_START, rid, user)
+            req = Request(
+                rid=rid, user=user, prompt=list(msg["prompt_tokens"]), max_tokens=int(msg["max_tokens"]),
+                temperature=float(msg["temperature"]), top_p=float(msg["top_p"]), stream=bool(msg["stream"]),
+                logit_bias={int(k): float(v) for k, v in (msg.get("logit_bias") or {}).items()},
+                rng=np.random.default_rng(msg.get("seed")),
+            )
+            with self._lock:
+                self.waiting.append(req)
+                self._lock.notify()
+
+    # ---- scheduler thread (FastDeploy: _schedule_request_to_worker_v1 + resource manager) ---------
+    def schedule_loop(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                while not (self.waiting or self.running or self._aborts) and not self._stop.is_set():
+                    self._lock.wait(0.1)
+                aborts, self._aborts = self._aborts, set()
+            if self._stop.is_set():
+                return
+            for rid in aborts:
+                self._abort(rid)
+            prefills = self._admit()
+            decodes = self._reserve_decode_slots([r for r in self.running if r not in prefills])
+            if not prefills and not decodes:
+                time.sleep(0.005)
+                continue
+            self._steps.put((prefills, decodes))
+            for res in self._results.get():
+                self._after_step(res)
+
+    def _admit(self) -> list[Request]:
+        admitted: list[Request] = []
+        bs = self.cfg.model.block_size
+        while True:
+            with self._lock:
+                if not self.waiting or len(self.running) >= self.cfg.max_batch:
+                    return admitted
+                req = self.waiting[0]
+            tokens = req.tokens()
+            if not req.allocating:
+                req.allocating = True
+                fdt.trace_print(E.REQUEST_QUEUE_END, req.rid, req.user)
+                fdt.trace_print(E.RESOURCE_ALLOCATE_START, req.rid, req.user)
+            needed = -(-(len(tokens) + 1) // bs)
+            if self.cache.obtainable_gpu_blocks() < needed:
+                if not self.running and not admitted:
+                    self._fail(req, NoFreeBlocks(f"request needs {needed} KV blocks; the cache has {self.cfg.gpu_blocks}"))
+                    continue
+                return admitted  # wait for blocks to be freed
+            fdt.trace_print(E.PREPARE_PREFIX_CACHE_START, req.rid, req.user)
+            try:
+                decision = self.cache.allocate_prompt(req.rid, tokens)
+            except NoFreeBlocks:
+                fdt.trace_print(E.PREPARE_PREFIX_CACHE_END, req.rid, req.user)
+                return admitted
+            # The cache manager's own decision becomes the event on the SCHEDULE span.
+            fdt.trace_print(decision.kind, req.rid, req.user, **decision.event_attributes())
+            fdt.trace_print(E.PREPARE_PREFIX_CACHE_END, req.rid, req.user)
+            fdt.trace_print(E.RESOURCE_ALLOCATE_END, req.rid, req.user)
+            fdt.trace_print(E.REQUEST_SCHEDULE_END, req.rid, req.user)
+            req.allocating = False
+            if not req.started:
+                req.cached_tokens = decision.matched_tokens
+                fdt.trace_print(E.INFERENCE_START, req.rid, req.user)
+                req.started = True
+            else:
+                fdt.trace_print(E.RESCHEDULED_INFERENCE_START, req.rid, req.user, preemptions=req.preemptions)
+            req.num_cached = decision.matched_tokens  # type: ignore[attr-defined]
+            with self._lock:
+                self.waiting.pop(0)
+                self.running.append(req)
+            admitted.append(req)
+
+    def _reserve_decode_slots(self, reqs: list[Request]) -> list[Request]:
+        """A KV slot for each decoding request's next token; preempt the newest when blocks run out."""
+        ready: list[Request] = []
+        for req in list(reqs):
+            if req not in self.running:
+                continue  # preempted below as a victim
+            pos = len(req.tokens()) - 1
+            while not self.cache.append_slot(req.rid, pos):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is req:
+                    break
+            else:
+                ready.append(req)
+        return [r for r in ready if r in self.running]
+
+    def _preempt(self, req: Request) -> None:
+        self.cache.free(req.rid)
+        req.preemptions += 1
+        fdt.trace_print(E.PREEMPTED, req.rid, req.user, preemptions=req.preemptions)
+        fdt.trace_print(E.REQUEST_SCHEDULE_START, req.rid, req.user)
+        fdt.trace_print(E.REQUEST_QUEUE_START, req.rid, req.user)
+        with self._lock:
+            self.running.remove(req)
+            self.waiting.insert(0, req)
+
+    def _abort(self, rid: str) -> None:
+        with self._lock:
+            found = [r for r in self.running + self.waiting if r.rid == rid]
+            self.running = [r for r in self.running if r.rid != rid]
+            self.waiting = [r for r in self.waiting if r.rid != rid]
+        if found:
+            self.cache.free(rid)
+            fdt.abort_request(rid, "client disconnected")
+
+    def _fail(self, req: Request, exc: BaseException) -> None:
+        with self._lock:
+            if req in self.running:
+                self.running.remove(req)
+            if req in self.waiting:
+                self.waiting.remove(req)
+        self.cache.free(req.rid)
+        self._outputs.put(StepResult(req, error=exc))
+
+    def _after_step(self, res: StepResult) -> None:
+        req = res.req
+        if res.error is not None:
+            self._fail(req, res.error)
+            return
+        req.output.append(res.token)
+        done = res.token == EOS_ID or len(req.output) >= req.max_tokens or len(req.tokens()) >= self.cfg.model.max_context
+        self._outputs.put(res)
+        if done:
+            with self._lock:
+                self.running.remove(req)
+            self.cache.free(req.rid)
+
+    # ---- model runner thread (FastDeploy: the worker process) ------------------------------------
+    def runner_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                prefills, decodes = self._steps.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            results: list[StepResult] = []
+            for req in prefills:
+                try:
+                    tokens = req.tokens()
+                    logits = self.model.prefill(tokens, self.cache.block_table(req.rid), req.num_cached, self.cache.pool)  # type: ignore[attr-defined]
+                    self.cache.mark_computed(req.rid)
+                    results.append(StepResult(req, token=self._sample(req, logits)))
+                except Exception as exc:
+                    results.append(StepResult(req, error=exc))
+            if decodes:
+                batch = [(r.output[-1], len(r.tokens()) - 1, self.cache.block_table(r.rid)) for r in decodes]
+                try:
+                    logits = self.model.decode(batch, self.cache.pool)
+                    rows = [logits[i] for i in range(len(decodes))]
+                except Exception as exc:
+                    rows = [exc] * len(decodes)
+                for req, row in zip(decodes, rows):
+                    if isinstance(row, BaseException):
+                        results.append(StepResult(req, error=row))
+                        continue
+                    try:
+                        results.append(StepResult(req, token=self._sample(req, row)))
+                    except Exception as exc:  # one request's failure; the batch carries on
+                        results.append(StepResult(req, error=exc))
+            self._results.put(results)
+
+    def _sample(self, req: Request, logits: Any) -> int:
+        arr = logits.numpy().astype(np.float64).reshape(-1)
+        for token_id, bias in req.logit_bias.items():
+            arr[token_id] += bias  # an id outside the vocabulary raises IndexError here, as it would in a real engine
+        return sample(arr, req.temperature, req.top_p, req.rng)
+
+    # ---- token processor thread (FastDeploy: TokenProcessor) -------------------------------------
+    def token_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                res = self._outputs.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            req = res.req
+            if res.error is not None:
+                fdt.record_error(req.rid, res.error)
+                self._emit(req, finished=True, reason="error", error=f"{type(res.error).__name__}: {res.error}")
+                continue
+            first = len(req.output) == 1
+            if first and req.preemptions == 0:
+                fdt.trace_print(E.FIRST_TOKEN_GENERATED, req.rid, req.user)
+                fdt.trace_print(E.DECODE_START, req.rid, req.user)
+            done = res.token == EOS_ID or len(req.output) >= req.max_tokens or len(req.tokens()) >= self.cfg.model.max_context
+            if done:
+                reason = "stop" if res.token == EOS_ID else "length"
+                fdt.trace_print(E.INFERENCE_END, req.rid, req.user, output_tokens=len(req.output), finish_reasons=[reason])
+                self._emit(req, finished=True, reason=reason)
+            elif req.stream:
+                self._emit(req, finished=False, tokens=[res.token])
+
+    def _emit(self, req: Request, finished: bool, reason: str | None = None, error: str | None = None,
+              tokens: list[int] | None = None) -> None:
+        msg: dict[str, Any] = {"request_id": req.rid, "finished": finished}
+        if tokens is not None:
+            msg["tokens"] = tokens
+        if finished:
+            fdt.trace_print(E.POSTPROCESSING_START, req.rid, req.user)
+            msg.update(
+                tokens=[t for t in (req.output if not req.stream else req.output[-1:]) if t != EOS_ID],
+                finish_reason=reason,
+                error=error,
+                usage={"prompt_tokens": len(req.prompt), "completion_tokens": len(req.output), "cached_tokens": req.cached_tokens},
+                trace_carrier=fdt.inject(req.rid),  # POSTPROCESSING travels back to the API server
+            )
+            fdt.finish_request(req.rid)
+        self._send.send_json(msg)
+
+    # ---- process ---------------------------------------------------------------------------------
+    def run(self) -> None:
+        threads = [
+            threading.Thread(target=self.insert_loop, name="insert_task"),
+            threading.Thread(target=self.schedule_loop, name="scheduler"),
+            threading.Thread(target=self.runner_loop, name="model_runner"),
+            threading.Thread(target=self.token_loop, name="token_processor"),
+        ]
+        for t in threads:
+            t.start()
+        self._send.send_json({"type": "ready", "device": self.cache.pool.device})
+        try:
+            while not self._stop.wait(0.2):
+                pass
+        finally:
+            self._stop.set()
+            for t in threads:
+                t.join(timeout=5)
+            self._recv.close(0)
+            self._send.close(0)
+            self._ctx.term()
+
+    def stop(self, *_: object) -> None:
+        self._stop.set()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="minifd engine process")
+    p.add_argument("--recv", required=True, help="ZMQ address the API server pushes requests to")
+    p.add_argument("--send", required=True, help="ZMQ address outputs are pushed to")
+    p.add_argument("--gpu-blocks", type=int, default=EngineConfig.gpu_blocks)
+    p.add_argument("--cpu-blocks", type=int, default=EngineConfig.cpu_blocks)
+    p.add_argument("--max-batch", type=int, default=EngineConfig.max_batch)
+    p.add_argument("--dim", type=int, default=ModelConfig.dim)
+    p.add_argument("--layers", type=int, default=ModelConfig.n_layers)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(levelname)s %(message)s")
+    fdt.configure()
+    cfg = EngineConfig(ModelConfig(dim=args.dim, n_layers=args.layers), args.gpu_blocks, args.cpu_blocks, args.max_batch)
+    engine = Engine(cfg, args.recv, args.send)
+    signal.signal(signal.SIGTERM, engine.stop)
+    signal.signal(signal.SIGINT, engine.stop)
+    try:
+        engine.run()
+    finally:
+        fdt.shutdown()
+
+
+if __name__ == "__main__":
+    # Run the importable module's main, so exception types read "minifd.engine.X", not "__main__.X".
+    from minifd.engine import main as _main
+
+    _main()

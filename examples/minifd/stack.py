@@ -1,0 +1,121 @@
+"""Start the whole stack (engine process + API server process) on free local ports.
+
+    with Stack(trace_mode="all", log_dir="log", otlp_endpoint="http://127.0.0.1:4317") as stack:
+        httpx.post(stack.base_url + "/v1/completions", json={...})
+
+Each process configures tracing from its environment, as FastDeploy's do, and writes its own
+trace.log under ``log_dir/<role>/`` (two processes must not rotate one file).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import httpx
+
+ROLES = ("api", "engine")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Stack:
+    trace_mode: str = "all"
+    log_dir: str = "log"
+    otlp_endpoint: str | None = None  # None: no OTLP export (FD_TRACE modes still apply to the mirror)
+    otlp_protocol: str = "grpc"
+    json_dir: str | None = None  # write spans as OTLP JSON lines here (<role>.jsonl)
+    port: int = 0
+    gpu_blocks: int = 48
+    cpu_blocks: int = 96
+    max_batch: int = 8
+    extra_env: dict[str, str] = field(default_factory=dict)
+    startup_timeout_s: float = 90.0
+
+    def __post_init__(self) -> None:
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.base_url = ""
+
+    def _env(self, role: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "FD_"))}
+        env.update(
+            FD_TRACE=self.trace_mode,
+            FD_LOG_DIR=os.path.join(self.log_dir, role),
+            OTEL_SERVICE_NAME="fastdeploy",
+            OTEL_RESOURCE_ATTRIBUTES=f"fastdeploy.role={role}",
+            PYTHONUNBUFFERED="1",
+        )
+        if self.otlp_endpoint:
+            env.update(OTEL_EXPORTER_OTLP_ENDPOINT=self.otlp_endpoint, OTEL_EXPORTER_OTLP_PROTOCOL=self.otlp_protocol)
+        else:
+            env["OTEL_TRACES_EXPORTER"] = "none"
+        if self.json_dir:
+            env["FD_TRACE_JSON_FILE"] = os.path.join(self.json_dir, f"{role}.jsonl")
+        env.update(self.extra_env)
+        return env
+
+    def start(self) -> "Stack":
+        tag = uuid.uuid4().hex[:8]
+        ipc = tempfile.gettempdir()
+        to_engine, from_engine = f"ipc://{ipc}/minifd-{tag}-in", f"ipc://{ipc}/minifd-{tag}-out"
+        port = self.port or free_port()
+        os.makedirs(self.log_dir, exist_ok=True)
+        self.procs["api"] = subprocess.Popen(
+            [sys.executable, "-m", "minifd.server", "--port", str(port),
+             "--engine-recv", to_engine, "--engine-send", from_engine],
+            env=self._env("api"), stdout=open(os.path.join(self.log_dir, "api.out"), "ab"), stderr=subprocess.STDOUT,
+        )
+        self.procs["engine"] = subprocess.Popen(
+            [sys.executable, "-m", "minifd.engine", "--recv", to_engine, "--send", from_engine,
+             "--gpu-blocks", str(self.gpu_blocks), "--cpu-blocks", str(self.cpu_blocks), "--max-batch", str(self.max_batch)],
+            env=self._env("engine"), stdout=open(os.path.join(self.log_dir, "engine.out"), "ab"), stderr=subprocess.STDOUT,
+        )
+        self.base_url = f"http://127.0.0.1:{port}"
+        self._wait_healthy()
+        return self
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            for role, proc in self.procs.items():
+                if proc.poll() is not None:
+                    self.stop()
+                    raise RuntimeError(f"the {role} process exited with {proc.returncode}; see {self.log_dir}/{role}.out")
+            try:
+                if httpx.get(self.base_url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise TimeoutError(f"the stack did not become healthy in {self.startup_timeout_s}s; see {self.log_dir}/*.out")
+
+    def stop(self) -> None:
+        """SIGTERM both processes; each flushes its spans and mirror lines before it exits."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs.clear()
+
+    def __enter__(self) -> "Stack":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
