@@ -202,8 +202,10 @@ def test_mirror_lines_agree_with_exported_spans(stack, receiver):
         if any(l["event"] == "POSTPROCESSING_END" for l in lines):
             break
         time.sleep(0.1)
-    events = [l["event"] for l in sorted(lines, key=lambda l: int(l["timestamp"]))]
-    assert events[0] == "PREPROCESSING_START" and events[-1] == "POSTPROCESSING_END"
+    events = [l["event"] for l in lines]
+    ts = {l["event"]: int(l["timestamp"]) for l in lines}
+    assert ts["PREPROCESSING_START"] == min(ts.values()) and ts["POSTPROCESSING_END"] == max(ts.values())
+    assert len(events) == len(set(events))  # one line per event
     assert {"CACHE_MISS", "INFERENCE_START", "FIRST_TOKEN_GENERATED", "INFERENCE_END"} <= set(events)
     for line in lines:
         span = by_id[line["span_id"]]

@@ -68,6 +68,10 @@ class StepResult:
     req: Request
     token: int | None = None
     error: BaseException | None = None
+    # Set by the scheduler when it applies the token; the token processor reads these, not req.output,
+    # which the scheduler keeps extending meanwhile.
+    count: int = 0
+    finish_reason: str | None = None
 
 
 class Engine:
@@ -231,9 +235,13 @@ class Engine:
             self._fail(req, res.error)
             return
         req.output.append(res.token)
-        done = res.token == EOS_ID or len(req.output) >= req.max_tokens or len(req.tokens()) >= self.cfg.model.max_context
+        res.count = len(req.output)
+        if res.token == EOS_ID:
+            res.finish_reason = "stop"
+        elif len(req.output) >= req.max_tokens or len(req.tokens()) >= self.cfg.model.max_context:
+            res.finish_reason = "length"
         self._outputs.put(res)
-        if done:
+        if res.finish_reason:
             with self._lock:
                 self.running.remove(req)
             self.cache.free(req.rid)
@@ -289,15 +297,12 @@ class Engine:
                 fdt.record_error(req.rid, res.error)
                 self._emit(req, finished=True, reason="error", error=f"{type(res.error).__name__}: {res.error}")
                 continue
-            first = len(req.output) == 1
-            if first and req.preemptions == 0:
+            if res.count == 1:
                 fdt.trace_print(E.FIRST_TOKEN_GENERATED, req.rid, req.user)
                 fdt.trace_print(E.DECODE_START, req.rid, req.user)
-            done = res.token == EOS_ID or len(req.output) >= req.max_tokens or len(req.tokens()) >= self.cfg.model.max_context
-            if done:
-                reason = "stop" if res.token == EOS_ID else "length"
-                fdt.trace_print(E.INFERENCE_END, req.rid, req.user, output_tokens=len(req.output), finish_reasons=[reason])
-                self._emit(req, finished=True, reason=reason)
+            if res.finish_reason:
+                fdt.trace_print(E.INFERENCE_END, req.rid, req.user, output_tokens=res.count, finish_reasons=[res.finish_reason])
+                self._emit(req, finished=True, reason=res.finish_reason, tokens=[res.token] if req.stream else None)
             elif req.stream:
                 self._emit(req, finished=False, tokens=[res.token])
 
@@ -309,7 +314,7 @@ class Engine:
         if finished:
             fdt.trace_print(E.POSTPROCESSING_START, req.rid, req.user)
             msg.update(
-                tokens=[t for t in (req.output if not req.stream else req.output[-1:]) if t != EOS_ID],
+                tokens=[t for t in (tokens if tokens is not None else req.output) if t != EOS_ID],
                 finish_reason=reason,
                 error=error,
                 usage={"prompt_tokens": len(req.prompt), "completion_tokens": len(req.output), "cached_tokens": req.cached_tokens},

@@ -31,12 +31,13 @@ def free_port() -> int:
 
 @dataclass
 class Stack:
-    trace_mode: str = "all"
+    trace_mode: str | None = None  # FD_TRACE for both processes; None: inherited from the environment
     log_dir: str = "log"
-    otlp_endpoint: str | None = None  # None: no OTLP export (FD_TRACE modes still apply to the mirror)
-    otlp_protocol: str = "grpc"
+    otlp_endpoint: str | None = None  # None: OTEL_EXPORTER_OTLP_ENDPOINT as inherited, if any
+    otlp_protocol: str | None = None
     json_dir: str | None = None  # write spans as OTLP JSON lines here (<role>.jsonl)
     port: int = 0
+    host: str = "127.0.0.1"
     gpu_blocks: int = 48
     cpu_blocks: int = 96
     max_batch: int = 8
@@ -48,18 +49,21 @@ class Stack:
         self.base_url = ""
 
     def _env(self, role: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "FD_"))}
-        env.update(
-            FD_TRACE=self.trace_mode,
-            FD_LOG_DIR=os.path.join(self.log_dir, role),
-            OTEL_SERVICE_NAME="fastdeploy",
-            OTEL_RESOURCE_ATTRIBUTES=f"fastdeploy.role={role}",
-            PYTHONUNBUFFERED="1",
-        )
+        """The operator's environment (OTEL_*, FD_*), plus what this stack was asked for."""
+        env = dict(os.environ)
+        env["FD_LOG_DIR"] = os.path.join(self.log_dir, role)
+        env.setdefault("OTEL_SERVICE_NAME", "fastdeploy")
+        extra = env.get("OTEL_RESOURCE_ATTRIBUTES", "")
+        env["OTEL_RESOURCE_ATTRIBUTES"] = ",".join(filter(None, [extra, f"fastdeploy.role={role}"]))
+        env["PYTHONUNBUFFERED"] = "1"
+        if self.trace_mode:
+            env["FD_TRACE"] = self.trace_mode
         if self.otlp_endpoint:
-            env.update(OTEL_EXPORTER_OTLP_ENDPOINT=self.otlp_endpoint, OTEL_EXPORTER_OTLP_PROTOCOL=self.otlp_protocol)
-        else:
-            env["OTEL_TRACES_EXPORTER"] = "none"
+            env["OTEL_EXPORTER_OTLP_ENDPOINT"] = self.otlp_endpoint
+        if self.otlp_protocol:
+            env["OTEL_EXPORTER_OTLP_PROTOCOL"] = self.otlp_protocol
+        if not (env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")):
+            env.setdefault("OTEL_TRACES_EXPORTER", "none")  # no collector given: do not dial localhost:4317
         if self.json_dir:
             env["FD_TRACE_JSON_FILE"] = os.path.join(self.json_dir, f"{role}.jsonl")
         env.update(self.extra_env)
@@ -72,7 +76,7 @@ class Stack:
         port = self.port or free_port()
         os.makedirs(self.log_dir, exist_ok=True)
         self.procs["api"] = subprocess.Popen(
-            [sys.executable, "-m", "minifd.server", "--port", str(port),
+            [sys.executable, "-m", "minifd.server", "--host", self.host, "--port", str(port),
              "--engine-recv", to_engine, "--engine-send", from_engine],
             env=self._env("api"), stdout=open(os.path.join(self.log_dir, "api.out"), "ab"), stderr=subprocess.STDOUT,
         )
@@ -81,7 +85,7 @@ class Stack:
              "--gpu-blocks", str(self.gpu_blocks), "--cpu-blocks", str(self.cpu_blocks), "--max-batch", str(self.max_batch)],
             env=self._env("engine"), stdout=open(os.path.join(self.log_dir, "engine.out"), "ab"), stderr=subprocess.STDOUT,
         )
-        self.base_url = f"http://127.0.0.1:{port}"
+        self.base_url = f"http://{'127.0.0.1' if self.host in ('0.0.0.0', '::') else self.host}:{port}"
         self._wait_healthy()
         return self
 

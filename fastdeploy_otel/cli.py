@@ -1,0 +1,160 @@
+"""``fastdeploy-otel``: the demo, the server, and a mirror-log check.
+
+    fastdeploy-otel demo [--out DIR]        run the traced stack on a workload; leave trace.log,
+                                            spans.jsonl and timeline.html in DIR
+    fastdeploy-otel serve --port N          run the traced stack until Ctrl-C / SIGTERM
+    fastdeploy-otel check-config            validate the tracing environment variables
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+
+from .config import ConfigError, load_settings
+
+
+def _check_env() -> None:
+    """Fail with one clear line per bad variable, before starting anything."""
+    _, errors = load_settings()
+    if errors:
+        for exc in errors:
+            print(f"fastdeploy-otel: {exc}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _merge_mirrors(log_dir: str, out_path: str) -> int:
+    """One trace.log for the demo: each process's lines, merged in timestamp order."""
+    from .mirror import parse_line
+
+    lines: list[tuple[int, int, str]] = []
+    for n, role in enumerate(sorted(os.listdir(log_dir))):
+        path = os.path.join(log_dir, role, "trace.log")
+        if not os.path.isfile(path):
+            continue
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                fields = parse_line(line)
+                lines.append((int(fields["timestamp"]) if fields else 0, n, line))
+    lines.sort(key=lambda t: (t[0], t[1]))
+    with open(out_path, "w", encoding="utf-8") as f:
+        f.writelines(line for _, _, line in lines)
+    return len(lines)
+
+
+def _merge_json(json_dir: str, out_path: str) -> None:
+    with open(out_path, "w", encoding="utf-8") as out:
+        for name in sorted(os.listdir(json_dir)):
+            with open(os.path.join(json_dir, name), encoding="utf-8") as f:
+                shutil.copyfileobj(f, out)
+
+
+def demo(args: argparse.Namespace) -> int:
+    _check_env()
+    from minifd import workload
+    from minifd.stack import Stack
+
+    from .otlp_json import read_spans
+    from .timeline import format_summary, render_html, summarize
+
+    out = os.path.abspath(args.out)
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    logs, json_dir = os.path.join(out, "logs"), os.path.join(out, "json")
+    os.makedirs(json_dir)
+    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    print(f"[demo] starting engine + API server (logs in {logs}) ...", flush=True)
+    if endpoint:
+        print(f"[demo] spans also go to {endpoint}", flush=True)
+    t0 = time.monotonic()
+    with Stack(trace_mode="all", log_dir=logs, json_dir=json_dir, gpu_blocks=args.gpu_blocks,
+               cpu_blocks=args.cpu_blocks, max_batch=4) as stack:
+        print(f"[demo] stack ready at {stack.base_url} in {time.monotonic() - t0:.1f}s; sending the workload", flush=True)
+
+        def report(o, done, total):
+            extra = f" cached={o.cached_tokens}" if o.cached_tokens else ""
+            print(f"[demo] {done:2d}/{total} {o.status} {o.elapsed_ms:7.0f} ms  {o.label:<32} trace_id={o.trace_id}{extra}"
+                  f"{'  ' + o.note if o.note else ''}", flush=True)
+
+        outcomes = workload.run(stack.base_url, report)
+        print("[demo] stopping the stack (flushing spans and mirror lines) ...", flush=True)
+    lines = _merge_mirrors(logs, os.path.join(out, "trace.log"))
+    spans_path = os.path.join(out, "spans.jsonl")
+    _merge_json(json_dir, spans_path)
+    spans = read_spans(spans_path)
+    html_path = os.path.join(out, "timeline.html")
+    with open(html_path, "w", encoding="utf-8") as f:
+        f.write(render_html(spans, title=f"fastdeploy-otel demo ({len(outcomes)} requests)"))
+    print()
+    print(format_summary(summarize(spans)))
+    print()
+    print(f"  trace.log     {os.path.join(out, 'trace.log')}  ({lines} lines; per process under {logs}/<role>/)")
+    print(f"  spans         {spans_path}  ({len(spans)} spans, OTLP JSON lines)")
+    print(f"  timeline      {html_path}")
+    print(f"  error log     {logs}/<role>/error.log")
+    failed = [o for o in outcomes if o.status not in (200, 400, 500)]
+    return 1 if failed else 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    _check_env()
+    from minifd.stack import Stack
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stack = Stack(log_dir=args.log_dir, port=args.port, host=args.host, gpu_blocks=args.gpu_blocks,
+                  cpu_blocks=args.cpu_blocks, max_batch=args.max_batch)
+    with stack:
+        print(f"serving on {stack.base_url} (OpenAI-compatible: /v1/completions, /v1/chat/completions, /v1/models, "
+              f"/health); trace.log under {args.log_dir}/<role>/; Ctrl-C to stop", flush=True)
+        while not stop.wait(0.5):
+            dead = [role for role, p in stack.procs.items() if p.poll() is not None]
+            if dead:
+                print(f"the {dead[0]} process exited; see {args.log_dir}/{dead[0]}.out", file=sys.stderr)
+                return 1
+        print("shutting down: flushing spans and trace.log ...", flush=True)
+    return 0
+
+
+def check_config(_: argparse.Namespace) -> int:
+    settings, errors = load_settings()
+    for exc in errors:
+        print(f"error: {exc}", file=sys.stderr)
+    print(settings)
+    return 2 if errors else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="fastdeploy-otel", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="run the traced stack on a demo workload and leave its artefacts")
+    d.add_argument("--out", default="demo-out", help="where to leave trace.log, spans.jsonl, timeline.html")
+    d.add_argument("--gpu-blocks", type=int, default=16, help="GPU-tier KV blocks (small, to force swaps)")
+    d.add_argument("--cpu-blocks", type=int, default=64, help="CPU-tier KV blocks")
+    d.set_defaults(func=demo)
+    s = sub.add_parser("serve", help="run the traced stack until Ctrl-C or SIGTERM")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--log-dir", default=os.environ.get("FD_LOG_DIR", "log"))
+    s.add_argument("--gpu-blocks", type=int, default=64, help="GPU-tier KV blocks of 16 tokens")
+    s.add_argument("--cpu-blocks", type=int, default=256, help="CPU-tier KV blocks of 16 tokens")
+    s.add_argument("--max-batch", type=int, default=8)
+    s.set_defaults(func=serve)
+    c = sub.add_parser("check-config", help="validate the FD_* and OTEL_* tracing variables")
+    c.set_defaults(func=check_config)
+    args = p.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"fastdeploy-otel: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
