@@ -116,11 +116,17 @@ class _Runtime:
         if self.mirror is not None:
             self.mirror.write(lines)
         for e in errors:
-            error_logger.error(
+            # One record per error, dated and placed where record_error() was called.
+            record = error_logger.makeRecord(
+                error_logger.name, logging.ERROR, e.filename, e.lineno,
                 "request[%s] failed: %s: %s [request_id=%s] [trace_id=%032x] [span_id=%016x]\n%s",
-                escape(e.request_id), e.exc_type, escape(e.message), escape(e.request_id), e.trace_id, e.span_id,
-                e.traceback.rstrip(),
+                (escape(e.request_id), e.exc_type, escape(e.message), escape(e.request_id), e.trace_id, e.span_id,
+                 e.traceback.rstrip()),
+                None,
             )
+            record.created = e.ts_ns / 1e9
+            record.msecs = (e.ts_ns // 1_000_000) % 1000
+            error_logger.handle(record)
 
     def close(self) -> None:
         self._stop.set()
@@ -179,7 +185,8 @@ def _enqueue(kind: int, request_id: str, payload: Any = None, user: object = Non
     if len(rt.queue) >= rt.max_pending:
         rt.full()
         return
-    rt.queue.append((kind, _time_ns(), None, request_id, user, payload, _current_thread(), get_current(), "", 0))
+    f = _getframe(2)  # the caller of record_error/finish_request/...: named in the error log
+    rt.queue.append((kind, _time_ns(), None, request_id, user, payload, _current_thread(), get_current(), f.f_code.co_filename, f.f_lineno))
 
 
 def record_error(request_id: str, exc: BaseException) -> None:

@@ -83,6 +83,8 @@ class ErrorLog:
     exc_type: str
     message: str
     traceback: str
+    filename: str = ""
+    lineno: int = 0
 
 
 # Attributes every process sets for itself; not worth carrying.
@@ -299,7 +301,7 @@ class Assembler:
         return req.span
 
     def _error(self, rec: Record) -> None:
-        _, ts, _, rid, _, exc, _, ctx, _, _ = rec
+        _, ts, _, rid, _, exc, _, ctx, filename, lineno = rec
         req = self._request(rid, ts, None, ctx)
         span = self._innermost(req)
         exc_type = type(exc).__qualname__
@@ -313,7 +315,9 @@ class Assembler:
         if req.span is not None:
             req.span.attributes[A.ERROR_TYPE] = exc_type
         span_id = span.span_id if span is not None else req.span_id
-        self.errors.append(ErrorLog(ts, rid, req.trace_id, span_id, exc_type, str(exc), format_traceback(exc)))
+        self.errors.append(
+            ErrorLog(ts, rid, req.trace_id, span_id, exc_type, str(exc), format_traceback(exc), filename, lineno)
+        )
 
     def _finish(self, rid: str, ts: int, kwargs: dict | None, error: str | None = None) -> None:
         req = self.requests.pop(rid, None)

@@ -9,6 +9,7 @@ everywhere with ``fastdeploy_otel.config``.
 
 from __future__ import annotations
 
+import os
 import copy
 import json
 import re
@@ -204,6 +205,8 @@ def test_compose_file_matches_the_compose_spec_schema(compose):
 def test_compose_file_passes_compose_config(tmp_path):
     cli = compose_cli()
     if cli is None:
+        if not os.environ.get("CI"):  # .ci/run installs it; on a laptop, say how
+            pytest.skip(f"no Compose CLI here; install one to run this check: {INSTALL_HINT}")
         pytest.fail(
             "No Compose implementation found: neither `docker compose` nor `docker-compose` works here. "
             f"Install one (CI: `{INSTALL_HINT}`), see deploy/README.md."

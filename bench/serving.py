@@ -1,0 +1,225 @@
+"""Serving benchmark: the example server (``examples/minifd``) under a closed-loop load, tracing
+``all`` (OTLP to a real receiver + the trace.log mirror) vs ``off``.
+
+N client threads each send ``POST /v1/completions`` back to back until a fixed total count;
+per-request latency is recorded, throughput = completed requests / wall time.  Runs alternate
+(off, all, all, off, ...) so that drift of the machine cancels out.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, Callable
+
+from .receiver_proc import ReceiverProcess
+
+SERVING_KEYS = ("serving_throughput_ratio", "serving_p50_ratio", "serving_p99_ratio")
+
+PROMPTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Once upon a time, in a land far away,",
+    "The quick brown fox jumps over the lazy cat.",
+    "def fibonacci(n):",
+    "Tracing makes every request stage visible:",
+    "Once upon a time, there was a tiny model",
+)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100)."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def served_model(base_url: str, default: str = "tiny") -> str:
+    """The model id the server serves (``GET /v1/models``); `default` when it does not say."""
+    import httpx
+
+    try:
+        data = httpx.get(base_url.rstrip("/") + "/v1/models", timeout=10).json()["data"]
+        return str(data[0]["id"])
+    except Exception:
+        return default
+
+
+def closed_loop(
+    url: str, clients: int, total: int, max_tokens: int, model: str = "tiny", timeout_s: float = 120.0
+) -> dict[str, Any]:
+    """`clients` threads sending requests back to back until `total` were sent."""
+    import httpx
+
+    counter = itertools.count()
+    lock = threading.Lock()
+    latencies: list[float] = []
+    errors: list[str] = []
+    barrier = threading.Barrier(clients + 1)
+
+    def client() -> None:
+        with httpx.Client(timeout=timeout_s) as http:
+            barrier.wait()
+            while True:
+                with lock:
+                    i = next(counter)
+                if i >= total:
+                    return
+                body = {"model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0}
+                t0 = time.perf_counter()
+                try:
+                    r = http.post(url, json=body)
+                    r.raise_for_status()
+                except Exception as exc:  # counted, reported
+                    with lock:
+                        errors.append(f"{type(exc).__name__}: {exc}"[:200])
+                    continue
+                dt = time.perf_counter() - t0
+                with lock:
+                    latencies.append(dt)
+
+    threads = [threading.Thread(target=client, name=f"bench-client-{i}", daemon=True) for i in range(clients)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    w0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - w0
+    return {
+        "completed": len(latencies),
+        "errors": len(errors),
+        "first_error": errors[0] if errors else None,
+        "wall_s": wall,
+        "throughput_rps": len(latencies) / wall if wall > 0 else math.nan,
+        "latencies": latencies,
+    }
+
+
+def _one_run(Stack, mode: str, rx: ReceiverProcess, clients: int, requests: int, warmup: int, max_tokens: int) -> dict[str, Any]:
+    log_dir = tempfile.mkdtemp(prefix=f"bench-serving-{mode}-")
+    try:
+        t0 = time.monotonic()
+        endpoint = rx.grpc_endpoint if mode != "off" else None
+        with Stack(trace_mode=mode, log_dir=log_dir, otlp_endpoint=endpoint, port=0) as stack:
+            startup = time.monotonic() - t0
+            url = stack.base_url.rstrip("/") + "/v1/completions"
+            model = served_model(stack.base_url)
+            if warmup:
+                closed_loop(url, clients, warmup, max_tokens, model)
+            rx.clear()
+            run = closed_loop(url, clients, requests, max_tokens, model)
+            if run["errors"]:
+                raise RuntimeError(f"{run['errors']} of {requests} requests failed, e.g. {run['first_error']}")
+        run["startup_s"] = startup
+        run["mode"] = mode
+        if mode != "off":
+            run["spans_received"] = rx.count()  # after the stack shut down (and flushed)
+        run["trace_log_bytes"] = sum(  # each process writes its own trace.log under log_dir/<role>/
+            os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(log_dir) for f in files if f.startswith("trace.log")
+        )
+        return run
+    finally:
+        shutil.rmtree(log_dir, ignore_errors=True)
+
+
+def _skipped(reason: str) -> dict[str, Any]:
+    out: dict[str, Any] = {k: None for k in SERVING_KEYS}
+    out.update({"serving_available": False, "serving_skipped_reason": reason})
+    return out
+
+
+def run_serving(
+    quick: bool = False,
+    *,
+    clients: int | None = None,
+    requests: int | None = None,
+    max_tokens: int | None = None,
+    pairs: int | None = None,
+    log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
+) -> dict[str, Any]:
+    """Throughput and latency with tracing all vs off; the ratios are all/off."""
+    try:
+        from minifd.stack import Stack
+    except ImportError as exc:
+        reason = (
+            f"serving benchmark skipped: the example serving stack is not importable "
+            f"(from minifd.stack import Stack: {exc}); serving_* figures are null"
+        )
+        log("  " + reason)
+        return _skipped(reason)
+    try:
+        import httpx  # noqa: F401
+    except ImportError as exc:
+        reason = f"serving benchmark skipped: httpx is not installed ({exc}); pip install -e '.[serve]'"
+        log("  " + reason)
+        return _skipped(reason)
+
+    clients = clients or 8
+    requests = requests or (240 if quick else 800)
+    max_tokens = max_tokens or (8 if quick else 16)
+    pairs = pairs or (1 if quick else 2)
+    warmup = max(clients, requests // 10)
+    schedule = ["off", "all", "all", "off"] * pairs
+    runs: list[dict[str, Any]] = []
+    t_start = time.monotonic()
+    try:
+        with ReceiverProcess() as rx:
+            for i, mode in enumerate(schedule):
+                run = _one_run(Stack, mode, rx, clients, requests, warmup, max_tokens)
+                runs.append(run)
+                log(
+                    f"  serving run {i + 1}/{len(schedule)} trace={mode}: {run['throughput_rps']:.1f} req/s, "
+                    f"p50 {percentile(run['latencies'], 50) * 1e3:.1f} ms, p99 {percentile(run['latencies'], 99) * 1e3:.1f} ms, "
+                    f"errors {run['errors']}, startup {run['startup_s']:.1f} s"
+                )
+    except Exception as exc:
+        reason = f"serving benchmark failed: {type(exc).__name__}: {exc}"
+        log("  " + reason)
+        out = _skipped(reason)
+        out["serving_available"] = True
+        return out
+
+    by_mode: dict[str, dict[str, Any]] = {}
+    for mode in ("off", "all"):
+        mine = [r for r in runs if r["mode"] == mode]
+        lat = [x for r in mine for x in r["latencies"]]
+        by_mode[mode] = {
+            "throughput_rps": sum(r["throughput_rps"] for r in mine) / len(mine),
+            "throughput_rps_runs": [r["throughput_rps"] for r in mine],
+            "p50_ms": percentile(lat, 50) * 1e3,
+            "p99_ms": percentile(lat, 99) * 1e3,
+            "completed": sum(r["completed"] for r in mine),
+            "errors": sum(r["errors"] for r in mine),
+            "first_error": next((r["first_error"] for r in mine if r["first_error"]), None),
+            "startup_s": [r["startup_s"] for r in mine],
+            "trace_log_bytes": sum(r["trace_log_bytes"] for r in mine),
+        }
+        if mode == "all":
+            by_mode[mode]["spans_received"] = sum(r.get("spans_received", 0) for r in mine)
+    off, on = by_mode["off"], by_mode["all"]
+    return {
+        "serving_available": True,
+        "serving_throughput_ratio": on["throughput_rps"] / off["throughput_rps"],
+        "serving_p50_ratio": on["p50_ms"] / off["p50_ms"],
+        "serving_p99_ratio": on["p99_ms"] / off["p99_ms"],
+        "serving_off_rps": off["throughput_rps"],
+        "serving_all_rps": on["throughput_rps"],
+        "serving_off_p50_ms": off["p50_ms"],
+        "serving_all_p50_ms": on["p50_ms"],
+        "serving_off_p99_ms": off["p99_ms"],
+        "serving_all_p99_ms": on["p99_ms"],
+        "serving_clients": clients,
+        "serving_requests_per_run": requests,
+        "serving_max_tokens": max_tokens,
+        "serving_schedule": schedule,
+        "serving_seconds": time.monotonic() - t_start,
+        "serving": by_mode,
+    }
