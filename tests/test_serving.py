@@ -55,6 +55,7 @@ def cache_event(spans):
 
 def test_span_tree_from_http_span_down_with_traceparent_continuity(stack, receiver):
     caller_trace, caller_span = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    assert stack.client.get("/health").status_code == 200  # excluded from tracing (checked below)
     resp = stack.client.post(
         "/v1/chat/completions",
         json={"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 5, "temperature": 0,
@@ -82,6 +83,7 @@ def test_span_tree_from_http_span_down_with_traceparent_continuity(stack, receiv
     assert root.attributes[A.GEN_AI_RESPONSE_ID] == "req-tree-1"
     assert A.GEN_AI_INPUT_MESSAGES not in root.attributes  # content is not recorded without opt-in
     assert all("req-tree-1" not in s.name for s in spans)
+    assert not [s for s in receiver.store.spans() if "/health" in s.name]
 
 
 def test_cache_miss_then_hit_then_swap_in(stack, receiver):
