@@ -26,6 +26,7 @@ import zmq
 import fastdeploy_otel as fdt
 from fastdeploy_otel import LoggingEventName as E
 
+from .ipc import messages
 from .kv_cache import NoFreeBlocks, PrefixCacheManager
 from .model import ModelConfig, TinyTransformer, sample
 from .tokenizer import EOS_ID
@@ -95,12 +96,7 @@ class Engine:
 
     # ---- insert task thread (FastDeploy: _insert_zmq_task_to_scheduler) --------------------------
     def insert_loop(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._recv, zmq.POLLIN)
-        while not self._stop.is_set():
-            if not poller.poll(100):
-                continue
-            msg = self._recv.recv_json()
+        for msg in messages(self._recv, self._stop):
             if msg.get("type") == "abort":
                 with self._lock:
                     self._aborts.add(msg["request_id"])

@@ -29,6 +29,7 @@ import fastdeploy_otel as fdt
 from fastdeploy_otel import LoggingEventName as E
 
 from . import tokenizer
+from .ipc import messages
 from .model import ModelConfig
 
 log = logging.getLogger("minifd.server")
@@ -40,9 +41,10 @@ class BadRequest(ValueError):
     """A request we refuse with 400; recorded on its trace like any other error."""
 
 
-class CompletionRequest(BaseModel):
+class _Sampling(BaseModel):
+    """The OpenAI fields both endpoints share."""
+
     model: str = MODEL_NAME
-    prompt: str
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
@@ -51,6 +53,10 @@ class CompletionRequest(BaseModel):
     request_id: str | None = None
     seed: int | None = None
     logit_bias: dict[str, float] | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str
 
 
 class Message(BaseModel):
@@ -58,17 +64,8 @@ class Message(BaseModel):
     content: str
 
 
-class ChatCompletionRequest(BaseModel):
-    model: str = MODEL_NAME
+class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stream: bool = False
-    user: str | None = None
-    request_id: str | None = None
-    seed: int | None = None
-    logit_bias: dict[str, float] | None = None
 
 
 class EngineClient:
@@ -89,12 +86,7 @@ class EngineClient:
         self._thread.start()
 
     def _route(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._pull, zmq.POLLIN)
-        while not self._stop.is_set():
-            if not poller.poll(100):
-                continue
-            msg = self._pull.recv_json()
+        for msg in messages(self._pull, self._stop):
             if msg.get("type") == "ready":
                 self.device = msg.get("device", "unknown")
                 self.ready.set()
