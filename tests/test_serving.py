@@ -204,6 +204,9 @@ def test_mirror_lines_agree_with_exported_spans(stack, receiver):
         if any(l["event"] == "POSTPROCESSING_END" for l in lines):
             break
         time.sleep(0.1)
+    needed = {l["span_id"] for l in lines}  # each process exports on its own schedule: wait for all
+    spans = receiver.store.wait_for(lambda s: needed <= {x.span_id for x in s})
+    by_id = {s.span_id: s for s in spans}
     events = [l["event"] for l in lines]
     ts = {l["event"]: int(l["timestamp"]) for l in lines}
     assert ts["PREPROCESSING_START"] == min(ts.values()) and ts["POSTPROCESSING_END"] == max(ts.values())
