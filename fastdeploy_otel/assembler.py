@@ -87,6 +87,10 @@ class ErrorLog:
     lineno: int = 0
 
 
+# Plain strings for the enum values (an Enum's .value is a descriptor call per use).
+_NAME = {e: e.value for e in LoggingEventName}
+_STAGE = {e: s.value for e, s in EVENT_TO_STAGE_MAP.items()}
+
 # Attributes every process sets for itself; not worth carrying.
 _PER_PROCESS = frozenset({A.REQUEST_ID, A.STAGE, A.USER_ID})
 
@@ -238,7 +242,7 @@ class Assembler:
     def _line(self, rec: Record, req: RequestState, span_id: int, stage: str) -> None:
         _, ts, event, rid, user, _, thread, _, filename, lineno = rec
         self.lines.append(
-            MirrorRecord(ts, filename, lineno, thread.ident or 0, thread.name, rid, user, event.value, stage, req.trace_id, span_id)
+            MirrorRecord(ts, filename, lineno, thread.ident or 0, thread.name, rid, user, _NAME[event], stage, req.trace_id, span_id)
         )
 
     def _anomaly(self, span: SpanState, what: str, ts: int, event: str) -> None:
@@ -250,7 +254,7 @@ class Assembler:
         _, ts, event, rid, user, kwargs, _, ctx, _, _ = rec
         req = self._request(rid, ts, user, ctx)
         step = PLAN[event]
-        stage = EVENT_TO_STAGE_MAP[event].value
+        stage = _STAGE[event]
         request_attrs, attrs = A.split_keywords(kwargs, self._capture_content) if kwargs else ({}, {})
         if request_attrs:
             if req.span is not None:
@@ -260,7 +264,7 @@ class Assembler:
         action = step.action
         if action is Action.OPEN and step.unless_open and step.unless_open in req.open:
             span = req.open[step.unless_open]
-            span.events.append((event.value, ts, attrs))
+            span.events.append((_NAME[event], ts, attrs))
         elif action is Action.OPEN:
             span = req.open.get(step.span)
             if span is not None and span.implicit:
@@ -269,7 +273,7 @@ class Assembler:
                 span.attributes.pop(A.IMPLICIT_START, None)
                 span.attributes.update(attrs)
             elif span is not None:
-                self._anomaly(span, "duplicate_start", ts, event.value)
+                self._anomaly(span, "duplicate_start", ts, _NAME[event])
             else:
                 if step.is_stage:
                     self._end_implicit_before(req, step.span)
@@ -289,7 +293,7 @@ class Assembler:
                     self._close(req, req.open[extra], ts)
         else:  # POINT, POINT_CLOSE
             span = self._stage(req, step.stage, ts)
-            span.events.append((event.value, ts, attrs))
+            span.events.append((_NAME[event], ts, attrs))
             span.last_ns = ts
             if action is Action.POINT_CLOSE:
                 self._close(req, span, ts)

@@ -108,13 +108,30 @@ class LineFormatter:
     def __init__(self) -> None:
         self._asctime = _AscTime()
         self._pid = os.getpid()
+        # The same request ids, users, threads and files recur line after line: escape each once.
+        self._escaped: dict[object, str] = {}
+        self._files: dict[str, str] = {}
+
+    def _esc(self, value: object) -> str:
+        try:
+            return self._escaped[value]
+        except KeyError:
+            if len(self._escaped) > 50_000:
+                self._escaped.clear()
+            text = self._escaped[value] = escape(value)
+            return text
+        except TypeError:  # unhashable
+            return escape(value)
 
     def __call__(self, r: MirrorRecord) -> str:
-        user = "" if r.user == "" else f"[user_id={escape(r.user)}] "  # FastDeploy drops an empty user
+        user = "" if r.user == "" else f"[user_id={self._esc(r.user)}] "  # FastDeploy drops an empty user
+        file = self._files.get(r.filename)
+        if file is None:
+            file = self._files[r.filename] = escape(os.path.basename(r.filename))
         return (
-            f"INFO     {self._asctime(r.ts_ns)} {self._pid:<5} {escape(os.path.basename(r.filename))}[line:{r.lineno}] "
-            f"[thread={r.thread_id}] [thread_name={escape(r.thread_name)}] [timestamp={r.ts_ns // 1_000_000}] "
-            f"[request_id={escape(r.request_id)}] {user}[event={r.event}] [stage={r.stage}] "
+            f"INFO     {self._asctime(r.ts_ns)} {self._pid:<5} {file}[line:{r.lineno}] "
+            f"[thread={r.thread_id}] [thread_name={self._esc(r.thread_name)}] [timestamp={r.ts_ns // 1_000_000}] "
+            f"[request_id={self._esc(r.request_id)}] {user}[event={r.event}] [stage={r.stage}] "
             f"[trace_id={r.trace_id:032x}] [span_id={r.span_id:016x}] "
         )
 
