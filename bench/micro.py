@@ -473,6 +473,9 @@ def _summarise(samples: dict[str, list[dict[str, Any]]], threads: int, requests:
         per_round = [a[num_f] / b[den_f] for a, b in zip(samples[num_v], samples[den_v]) if b[den_f]]
         out[key] = _median(per_round)
         out[key + "_of_medians"] = out[f"{_key_of(num_v, num_f)}"] / out[f"{_key_of(den_v, den_f)}"]
+    for v in VARIANTS:  # the raw per-round figures, to judge the noise
+        out[f"{v}_calling_us_rounds"] = [round(s["calling_us"], 2) for s in samples[v]]
+        out[f"{v}_process_us_rounds"] = [round(s["process_us"], 2) for s in samples[v]]
     for v in VARIANTS:
         out[f"{v}_wall_s"] = _median([s["wall_s"] for s in samples[v]])
         out[f"{v}_requests_per_s"] = _median([s["requests_per_s"] for s in samples[v]])
