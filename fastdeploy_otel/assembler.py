@@ -8,6 +8,7 @@ built with explicit start and end times once they close.
 
 from __future__ import annotations
 
+import os
 import random
 import traceback
 from dataclasses import dataclass, field
@@ -28,7 +29,10 @@ EVENT, ERROR, FINISH, ABORT, EXTRACT = range(5)
 # Every record is (kind, ts_ns, event, request_id, user, payload, thread, context, filename, lineno).
 Record = tuple
 
-_ids = random.SystemRandom()  # immune to random.seed() in the application (vLLM #10447)
+# A generator of our own, seeded from the OS: immune to random.seed() in the application (vLLM
+# #10447) and, re-seeded in a forked child, never repeating the parent's ids.
+_ids = random.Random(os.urandom(32))
+os.register_at_fork(after_in_child=lambda: _ids.seed(os.urandom(32)))
 
 
 def new_span_id() -> int:
@@ -39,7 +43,7 @@ def new_trace_id() -> int:
     return _ids.getrandbits(128) or 1
 
 
-@dataclass
+@dataclass(slots=True)
 class SpanState:
     """A span being assembled; once `end_ns` is set it is handed to the span builder."""
 
@@ -60,7 +64,7 @@ class SpanState:
     end_ns: int = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestState:
     request_id: str
     user: object

@@ -59,7 +59,7 @@ class Settings:
     max_pending: int = 65536  # events buffered between the calling threads and the worker
     max_requests: int = 100_000  # requests in flight before the oldest is evicted
     request_ttl_s: float = 600.0  # a request with no event for this long is evicted
-    flush_interval_s: float = 0.2  # how often the worker turns events into spans and lines
+    flush_interval_s: float = 0.1  # how often the worker turns events into spans and lines (small batches: short GIL holds)
 
     @property
     def otel(self) -> bool:

@@ -160,12 +160,24 @@ def make_sampler(settings: Settings) -> Sampler:
     return ParentBased(base) if name.startswith("parentbased_") else base
 
 
+class _FixedResource(Resource):
+    """A Resource whose hash is computed once: the OTLP encoder hashes the resource of every span,
+    and Resource.__hash__ serialises all its attributes to JSON each time."""
+
+    def __init__(self, resource: Resource) -> None:
+        super().__init__(resource.attributes, resource.schema_url)
+        self._hash = super().__hash__()
+
+    def __hash__(self) -> int:
+        return self._hash
+
+
 def make_resource(settings: Settings) -> Resource:
     resource = Resource.create({"host.name": settings.host_name, "process.pid": os.getpid()})
     current = str(resource.attributes.get("service.name", ""))
     if settings.service_name != DEFAULT_SERVICE_NAME or current.startswith("unknown_service"):
         resource = resource.merge(Resource({"service.name": settings.service_name}))
-    return resource
+    return _FixedResource(resource)
 
 
 class OtelSink:
