@@ -13,7 +13,7 @@ from typing import Any
 def _serve(conn) -> None:  # runs in the child
     from fastdeploy_otel.receiver import OtlpReceiver
 
-    with OtlpReceiver() as r:
+    with OtlpReceiver(keep=False) as r:  # count only: a collector's decoding is not serving cost
         conn.send((r.grpc_endpoint, r.http_endpoint))
         while True:
             try:
@@ -23,13 +23,9 @@ def _serve(conn) -> None:  # runs in the child
             op = msg[0]
             if op == "wait":  # ("wait", at_least, timeout_s) -> spans received so far
                 _, n, timeout = msg
-                try:
-                    got = len(r.store.wait_for(lambda s: len(s) >= n, timeout))
-                except TimeoutError:
-                    got = len(r.store.spans())
-                conn.send(got)
+                conn.send(r.store.wait_for_count(n, timeout))
             elif op == "count":
-                conn.send(len(r.store.spans()))
+                conn.send(r.store.count)
             elif op == "clear":
                 r.store.clear()
                 conn.send(0)

@@ -221,8 +221,8 @@ def inject(request_id: str) -> dict[str, str]:
 
 def extract(request_id: str, carrier: Mapping[str, str] | None) -> None:
     """Continue the request's trace from a carrier made by inject() in another process."""
-    if carrier is None:
-        return
+    if carrier is None or (isinstance(carrier, Mapping) and not carrier):
+        return  # nothing was propagated (tracing off upstream): the first event here starts a trace
     _enqueue(EXTRACT, request_id, dict(carrier) if isinstance(carrier, Mapping) else carrier)
 
 

@@ -53,12 +53,24 @@ class ReceivedSpan:
 
 
 class SpanStore:
-    def __init__(self) -> None:
+    """Received spans, decoded into ReceivedSpan objects; with keep=False only counted (a cheap sink
+    for load tests: the protobuf is still parsed, no Python object is built per span)."""
+
+    def __init__(self, keep: bool = True) -> None:
         self._spans: list[ReceivedSpan] = []
         self._cond = threading.Condition()
+        self.keep = keep
         self.requests = 0
+        self.count = 0
 
     def add(self, req: trace_service_pb2.ExportTraceServiceRequest) -> None:
+        if not self.keep:
+            n = sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans)
+            with self._cond:
+                self.requests += 1
+                self.count += n
+                self._cond.notify_all()
+            return
         spans = []
         for rs in req.resource_spans:
             resource = _attrs(rs.resource.attributes)
@@ -85,6 +97,7 @@ class SpanStore:
                     )
         with self._cond:
             self.requests += 1
+            self.count += len(spans)
             self._spans.extend(spans)
             self._cond.notify_all()
 
@@ -103,9 +116,18 @@ class SpanStore:
                 self._cond.wait(left)
             return list(self._spans)
 
+    def wait_for_count(self, at_least: int, timeout: float = 10.0) -> int:
+        """Wait until at least `at_least` spans arrived in all; returns the count."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.count < at_least and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(left)
+            return self.count
+
     def clear(self) -> None:
         with self._cond:
             self._spans.clear()
+            self.count = 0
 
 
 class _Servicer(trace_service_pb2_grpc.TraceServiceServicer):
@@ -120,8 +142,8 @@ class _Servicer(trace_service_pb2_grpc.TraceServiceServicer):
 class OtlpReceiver:
     """``with OtlpReceiver() as r:`` then export to ``r.grpc_endpoint`` or ``r.http_endpoint``."""
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
-        self.store = SpanStore()
+    def __init__(self, host: str = "127.0.0.1", keep: bool = True) -> None:
+        self.store = SpanStore(keep)
         self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Servicer(self.store), self._grpc)
         self.grpc_port = self._grpc.add_insecure_port(f"{host}:0")
