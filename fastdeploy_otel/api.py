@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import logging.handlers
 import os
 import sys
 import threading
@@ -25,7 +24,7 @@ from . import selflog
 from .assembler import ABORT, ERROR, EVENT, EXTRACT, FINISH, Assembler, ErrorLog
 from .config import Settings, load_settings
 from .events import _LOOKUP, LoggingEventName, parse_event
-from .mirror import TraceLogMirror, escape
+from .mirror import DailyFile, TraceLogMirror, escape
 
 error_logger = logging.getLogger("fastdeploy_otel.error")
 
@@ -57,15 +56,23 @@ class _Runtime:
         self.assembler = Assembler(
             sampler, settings.capture_content, settings.max_requests, int(settings.request_ttl_s * 1e9)
         )
-        self.mirror = TraceLogMirror(settings.log_dir, settings.backup_count) if settings.local else None
-        os.makedirs(settings.log_dir, exist_ok=True)
-        self._error_file = logging.handlers.TimedRotatingFileHandler(
-            os.path.join(settings.log_dir, "error.log"), when="midnight", backupCount=settings.backup_count, delay=True
-        )
-        self._error_file.setFormatter(
-            logging.Formatter("%(levelname)-8s %(asctime)s %(process)-5s %(filename)s[line:%(lineno)d] %(message)s")
-        )
-        error_logger.addHandler(self._error_file)
+        self.mirror: TraceLogMirror | None = None
+        self._error_file: DailyFile | None = None
+        try:
+            if settings.local:
+                self.mirror = TraceLogMirror(settings.log_dir, settings.backup_count)
+            os.makedirs(settings.log_dir, exist_ok=True)
+            self._error_file = DailyFile(
+                os.path.join(settings.log_dir, "error.log"), when="midnight", backupCount=settings.backup_count, delay=True
+            )
+        except OSError as exc:  # unwritable log dir: trace without files rather than fail the server
+            selflog.logger.error("fastdeploy_otel: cannot write to FD_LOG_DIR=%r (%s); trace.log and error.log are off",
+                                 settings.log_dir, exc)
+        if self._error_file is not None:
+            self._error_file.setFormatter(
+                logging.Formatter("%(levelname)-8s %(asctime)s %(process)-5s %(filename)s[line:%(lineno)d] %(message)s")
+            )
+            error_logger.addHandler(self._error_file)
         error_logger.setLevel(logging.ERROR)
         self._last_sweep = 0
         self._stop = threading.Event()
@@ -136,8 +143,9 @@ class _Runtime:
             self.sink.shutdown()
         if self.mirror is not None:
             self.mirror.close()
-        error_logger.removeHandler(self._error_file)
-        self._error_file.close()
+        if self._error_file is not None:
+            error_logger.removeHandler(self._error_file)
+            self._error_file.close()
 
     # ---- counted drops ---------------------------------------------------------------------------
     def unknown(self, event: object) -> None:

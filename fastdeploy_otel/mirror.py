@@ -136,11 +136,13 @@ class LineFormatter:
         )
 
 
-class _DailyFile(logging.handlers.TimedRotatingFileHandler):
-    """The stdlib's midnight rotation: ``trace.log`` is today's file, older days are ``trace.log.YYYY-MM-DD``."""
+class DailyFile(logging.handlers.TimedRotatingFileHandler):
+    """The stdlib's midnight rotation (``trace.log`` is today's file, older days are
+    ``trace.log.YYYY-MM-DD``); a failed write (full disk, removed directory) is reported once, not raised."""
 
-    def handleError(self, record: logging.LogRecord) -> None:  # full disk, removed directory...
-        selflog.report("mirror-write", "trace.log mirror: write to %s failed; lines are being dropped", self.baseFilename, exc_info=True)
+    def handleError(self, record: logging.LogRecord) -> None:
+        selflog.report("write:" + self.baseFilename, "%s: write failed; records are being dropped",
+                       self.baseFilename, exc_info=True)
 
 
 class TraceLogMirror:
@@ -149,7 +151,7 @@ class TraceLogMirror:
     def __init__(self, log_dir: str, backup_count: int = 7, file_name: str = "trace.log") -> None:
         os.makedirs(log_dir, exist_ok=True)
         self.path = os.path.join(log_dir, file_name)
-        self._file = _DailyFile(self.path, when="midnight", backupCount=backup_count, encoding="utf-8", delay=True)
+        self._file = DailyFile(self.path, when="midnight", backupCount=backup_count, encoding="utf-8", delay=True)
         self._file.setFormatter(logging.Formatter("%(message)s"))
         self._format = LineFormatter()
         self.lines_written = 0

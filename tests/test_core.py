@@ -327,5 +327,17 @@ def test_full_disk_degrades_the_mirror_only(traced, tmp_path, caplog):
     for i in range(3):
         replay(f"full-{i}", MIXED[:2])
         fdt.flush()
-    msgs = [r.getMessage() for r in caplog.records if "trace.log mirror" in r.getMessage()]
-    assert len(msgs) == 1 and "failed" in msgs[0]
+    msgs = [r.getMessage() for r in caplog.records if "trace.log: write failed" in r.getMessage()]
+    assert len(msgs) == 1
+
+
+def test_unwritable_log_dir_keeps_tracing_without_files(traced, receiver, tmp_path, caplog):
+    caplog.set_level(logging.ERROR, logger="fastdeploy_otel")
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the log dir should be")
+    traced(log_dir=str(blocker / "log"))
+    replay("nolog", MIXED[:2])
+    fdt.finish_request("nolog")
+    fdt.flush()
+    assert receiver.store.wait_for(lambda s: any(x.name == "PREPROCESSING" for x in s))
+    assert len([r for r in caplog.records if "cannot write to FD_LOG_DIR" in r.getMessage()]) == 1
