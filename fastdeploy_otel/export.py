@@ -37,6 +37,10 @@ SCOPE = "fastdeploy_otel"
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _UNSET = Status(StatusCode.UNSET)
 _MAX_EVENTS = 128  # the SDK's default span event limit
+# FastDeploy's and SGLang's export cadence (FD_OTLP_EXPORTER_SCHEDULE_DELAY_MILLIS / _MAX_EXPORT_BATCH_SIZE):
+# small, frequent batches keep each encoding burst short, which matters in a GIL-bound engine.
+# OTEL_BSP_* variables override them.
+_BSP_DEFAULTS = {"schedule_delay_millis": 500, "max_export_batch_size": 64}
 _EXPORTER_LOGGERS = (
     "opentelemetry.exporter.otlp.proto.grpc.exporter",
     "opentelemetry.exporter.otlp.proto.http.trace_exporter",
@@ -197,7 +201,7 @@ class OtelSink:
             if settings.exporter != "none":
                 exporter, target = make_exporter(settings)
                 self.reporter = ReportingExporter(exporter, target)
-                self._own.append(BatchSpanProcessor(self.reporter, **settings.bsp))
+                self._own.append(BatchSpanProcessor(self.reporter, **{**_BSP_DEFAULTS, **settings.bsp}))
             self._quiet = _RateLimitFilter()
             for name in _EXPORTER_LOGGERS:
                 logging.getLogger(name).addFilter(self._quiet)
