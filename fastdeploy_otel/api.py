@@ -114,26 +114,30 @@ class _Runtime:
             selflog.report("flush", "fastdeploy_otel: flushing traces failed", exc_info=True)
 
     def _ship(self, spans, lines, errors: list[ErrorLog]) -> None:
-        if self.sink is not None:
-            for span in spans:
-                try:
-                    self.sink.build(span)
-                except Exception:
-                    selflog.report("build", "fastdeploy_otel: building span %s failed; dropped", span.name, exc_info=True)
+        """Errors first (the rarest and most wanted), then the mirror, then the spans; each guarded."""
+        for e in errors:
+            try:
+                self._log_error(e)
+            except Exception:
+                selflog.report("error-log", "fastdeploy_otel: writing an error record failed", exc_info=True)
         if self.mirror is not None:
             self.mirror.write(lines)
-        for e in errors:
-            # One record per error, dated and placed where record_error() was called.
-            record = error_logger.makeRecord(
+        if self.sink is not None:
+            self.sink.build_all(spans)
+
+    @staticmethod
+    def _log_error(e: ErrorLog) -> None:
+        """One record per error, dated and placed where record_error() was called."""
+        record = error_logger.makeRecord(
                 error_logger.name, logging.ERROR, e.filename, e.lineno,
-                "request[%s] failed: %s: %s [request_id=%s] [trace_id=%032x] [span_id=%016x]\n%s",
-                (escape(e.request_id), e.exc_type, escape(e.message), escape(e.request_id), e.trace_id, e.span_id,
-                 e.traceback.rstrip()),
-                None,
-            )
-            record.created = e.ts_ns / 1e9
-            record.msecs = (e.ts_ns // 1_000_000) % 1000
-            error_logger.handle(record)
+            "request[%s] failed: %s: %s [request_id=%s] [trace_id=%032x] [span_id=%016x]\n%s",
+            (escape(e.request_id), e.exc_type, escape(e.message), escape(e.request_id), e.trace_id, e.span_id,
+             e.traceback.rstrip()),
+            None,
+        )
+        record.created = e.ts_ns / 1e9
+        record.msecs = (e.ts_ns // 1_000_000) % 1000
+        error_logger.handle(record)
 
     def close(self) -> None:
         self._stop.set()
@@ -193,8 +197,12 @@ def _enqueue(kind: int, request_id: str, payload: Any = None, user: object = Non
     if len(rt.queue) >= rt.max_pending:
         rt.full()
         return
-    f = _getframe(2)  # the caller of record_error/finish_request/...: named in the error log
-    rt.queue.append((kind, _time_ns(), None, request_id, user, payload, _current_thread(), get_current(), f.f_code.co_filename, f.f_lineno))
+    try:
+        f = _getframe(2)  # the caller of record_error/finish_request/...: named in the error log
+        where = f.f_code.co_filename, f.f_lineno
+    except ValueError:  # called from the top of a thread's stack
+        where = "<unknown>", 0
+    rt.queue.append((kind, _time_ns(), None, request_id, user, payload, _current_thread(), get_current(), *where))
 
 
 def record_error(request_id: str, exc: BaseException) -> None:
@@ -293,6 +301,7 @@ def stats() -> dict[str, int]:
         out["mirror_lines"] = rt.mirror.lines_written
     if rt.sink is not None:
         out["spans_built"] = rt.sink.built
+        out["spans_dropped_export_queue"] = rt.sink.dropped
         if rt.sink.reporter is not None:
             out["spans_exported"] = rt.sink.reporter.exported
             out["spans_export_failed"] = rt.sink.reporter.failed

@@ -91,6 +91,11 @@ class ErrorLog:
     lineno: int = 0
 
 
+# How long after finish_request an event still counts as a late event of that request.
+_LATE_WINDOW_NS = 60 * 1_000_000_000
+# Events that always begin a request, even when its id was used before.
+_OPENING = frozenset({LoggingEventName.PREPROCESSING_START})
+
 # Plain strings for the enum values (an Enum's .value is a descriptor call per use).
 _NAME = {e: e.value for e in LoggingEventName}
 _STAGE = {e: s.value for e, s in EVENT_TO_STAGE_MAP.items()}
@@ -133,7 +138,7 @@ class Assembler:
         elif kind == ABORT:
             self._abort(rec[3], rec[1], rec[5])
         elif kind == EXTRACT:
-            self._extract(rec[3], rec[1], rec[5], rec[4])
+            self._extract(rec[3], rec[1], rec[5], rec[7])
 
     def inject(self, request_id: str, now_ns: int) -> dict[str, str]:
         """The carrier for `request_id`; open cross-process stages are handed to the receiver."""
@@ -160,7 +165,8 @@ class Assembler:
             self._evict(rid, now_ns, reason)
 
     # ---- request state -------------------------------------------------------------------------
-    def _request(self, request_id: str, ts: int, user: object, ctx: Context | None) -> RequestState:
+    def _request(self, request_id: str, ts: int, user: object, ctx: Context | None, fresh: bool = False) -> RequestState:
+        """The request's state; created on its first record. `fresh`: this event always begins a request."""
         req = self.requests.get(request_id)
         if req is not None:
             req.last_ns = ts
@@ -170,14 +176,16 @@ class Assembler:
         if len(self.requests) >= self._max_requests:
             oldest = next(iter(self.requests))
             self._evict(oldest, ts, f"evicted: more than {self._max_requests} requests in flight")
+        parent = trace.get_current_span(ctx).get_span_context() if ctx is not None else None
         late = self._finished.pop(request_id, None)
-        if late is not None:
-            # An event after finish_request: same trace, under the finished request span.
+        if late is not None and not fresh and ts - late[3] < _LATE_WINDOW_NS and not (
+            parent is not None and parent.is_valid and parent.trace_id != late[0]
+        ):
+            # An event just after finish_request: same trace, under the finished request span.
             self.counters["late_events"] += 1
-            trace_id, span_id, sampled = late
+            trace_id, span_id, sampled, _ = late
             req = RequestState(request_id, user, trace_id, span_id, False, sampled, ts, None)
-        else:
-            parent = trace.get_current_span(ctx).get_span_context() if ctx is not None else None
+        else:  # a new request (a reused request id is a new request too)
             if parent is not None and parent.is_valid:
                 trace_id = parent.trace_id
             else:
@@ -232,7 +240,7 @@ class Assembler:
         if error and not span.error:
             span.error = error
         if req.user is not None:  # the user may only be known from a later event
-            span.attributes[A.USER_ID] = str(req.user)
+            span.attributes[A.USER_ID] = A.text(req.user)
         parent = req.open.get(span.stage) if span.name != span.stage else None
         if parent is not None:
             parent.last_ns = max(parent.last_ns, span.end_ns)
@@ -256,7 +264,7 @@ class Assembler:
     # ---- record handlers -----------------------------------------------------------------------
     def _event(self, rec: Record) -> None:
         _, ts, event, rid, user, kwargs, _, ctx, _, _ = rec
-        req = self._request(rid, ts, user, ctx)
+        req = self._request(rid, ts, user, ctx, fresh=event in _OPENING)
         step = PLAN[event]
         stage = _STAGE[event]
         request_attrs, attrs = A.split_keywords(kwargs, self._capture_content) if kwargs else ({}, {})
@@ -313,7 +321,7 @@ class Assembler:
         req = self._request(rid, ts, None, ctx)
         span = self._innermost(req)
         exc_type = type(exc).__qualname__
-        message = f"{exc_type}: {exc}"
+        message = f"{exc_type}: {A.text(exc)}"
         req.error = exc_type
         if span is not None:
             span.exceptions.append((exc, ts))
@@ -324,7 +332,7 @@ class Assembler:
             req.span.attributes[A.ERROR_TYPE] = exc_type
         span_id = span.span_id if span is not None else req.span_id
         self.errors.append(
-            ErrorLog(ts, rid, req.trace_id, span_id, exc_type, str(exc), format_traceback(exc), filename, lineno)
+            ErrorLog(ts, rid, req.trace_id, span_id, exc_type, A.text(exc), format_traceback(exc), filename, lineno)
         )
 
     def _finish(self, rid: str, ts: int, kwargs: dict | None, error: str | None = None) -> None:
@@ -350,10 +358,10 @@ class Assembler:
                 span.error = req.error
             span.end_ns = max(ts, span.start_ns)
             if req.user is not None:
-                span.attributes[A.USER_ID] = str(req.user)
+                span.attributes[A.USER_ID] = A.text(req.user)
             if span.sampled:
                 self.spans.append(span)
-        self._finished[rid] = (req.trace_id, req.span_id, req.sampled)
+        self._finished[rid] = (req.trace_id, req.span_id, req.sampled, ts)
         if len(self._finished) > 10_000:
             self._finished.pop(next(iter(self._finished)))
 

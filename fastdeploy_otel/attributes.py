@@ -71,16 +71,38 @@ _CACHE_KEYWORDS = {
 AttributeValue = Any
 
 
-def _clean(value: Any) -> AttributeValue:
-    """An OTel-legal attribute value: str, bool, int, float or a homogeneous sequence of them."""
-    if isinstance(value, (str, bool, int, float)):
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def text(value: object) -> str:
+    """str(value), even for an object whose __str__ raises: tracing must not fail on odd input."""
+    if isinstance(value, str):
         return value
+    try:
+        return str(value)
+    except Exception:
+        return f"<unprintable {type(value).__name__}>"
+
+
+def clean(value: Any) -> AttributeValue:
+    """An OTel-legal attribute value: str, bool, int64, float or a homogeneous list of them."""
+    if isinstance(value, (str, bool, float)):
+        return value
+    if isinstance(value, int):
+        return value if _INT64[0] <= value <= _INT64[1] else str(value)  # OTLP ints are int64
     if isinstance(value, (list, tuple)):
-        items = [v if isinstance(v, (str, bool, int, float)) else str(v) for v in value]
+        items = [clean(v) if isinstance(v, (str, bool, int, float)) else text(v) for v in value]
         if len({type(v) for v in items}) > 1:
-            items = [str(v) for v in items]
+            items = [text(v) for v in items]
         return items
-    return str(value)
+    return text(value)
+
+
+def clean_all(attributes: Any) -> dict[str, AttributeValue]:
+    """Attributes from outside (a carrier): string keys, legal values; anything else dropped."""
+    if not isinstance(attributes, dict):
+        return {}
+    return {k: clean(v) for k, v in attributes.items() if isinstance(k, str) and v is not None}
 
 
 def split_keywords(
@@ -93,14 +115,14 @@ def split_keywords(
         if value is None:
             continue
         if key in REQUEST_KEYWORDS:
-            request[REQUEST_KEYWORDS[key]] = _clean(value)
+            request[REQUEST_KEYWORDS[key]] = clean(value)
         elif key in CONTENT_KEYWORDS:
             if capture_content:
-                request[CONTENT_KEYWORDS[key]] = _clean(value)
+                request[CONTENT_KEYWORDS[key]] = clean(value)
         elif key.startswith("gen_ai."):
-            request[key] = _clean(value)
+            request[key] = clean(value)
         elif key in _CACHE_KEYWORDS:
-            local[_CACHE_KEYWORDS[key]] = _clean(value)
+            local[_CACHE_KEYWORDS[key]] = clean(value)
         else:
-            local[key if "." in key else _PREFIX + key] = _clean(value)
+            local[key if "." in key else _PREFIX + key] = clean(value)
     return request, local

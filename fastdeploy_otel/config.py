@@ -11,6 +11,7 @@ import os
 import socket
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
+from urllib.parse import unquote
 
 MODES = ("off", "local", "otel", "all")
 PROTOCOLS = ("grpc", "http/protobuf")
@@ -113,7 +114,7 @@ def parse_headers(name: str, value: str) -> dict[str, str]:
         key, sep, val = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"{name}: entry {i + 1} is not of the form key=value (values not shown)")
-        headers[key.strip().lower()] = val.strip()
+        headers[unquote(key.strip()).lower()] = unquote(val.strip())  # the spec percent-encodes both
     return headers
 
 

@@ -17,6 +17,7 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk import trace as sdk_trace
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.sdk.trace.id_generator import IdGenerator
 from opentelemetry.sdk.trace.sampling import (
@@ -40,8 +41,10 @@ _MAX_EVENTS = 128  # the SDK's default span event limit
 # FastDeploy's and SGLang's export cadence (FD_OTLP_EXPORTER_SCHEDULE_DELAY_MILLIS / _MAX_EXPORT_BATCH_SIZE):
 # small, frequent batches keep each encoding burst short, which matters in a GIL-bound engine.
 # OTEL_BSP_* variables override them.
-_BSP_DEFAULTS = {"schedule_delay_millis": 500, "max_export_batch_size": 64}
+_BSP_DEFAULTS = {"schedule_delay_millis": 500, "max_export_batch_size": 64, "max_queue_size": 8192}
 _EXPORTER_LOGGERS = (
+    "opentelemetry.sdk._shared_internal",  # the batch processor: "Queue full, dropping Span."
+    "opentelemetry.exporter.otlp.proto.common._internal",
     "opentelemetry.exporter.otlp.proto.grpc.exporter",
     "opentelemetry.exporter.otlp.proto.http.trace_exporter",
     "opentelemetry.exporter.otlp.proto.http",
@@ -63,10 +66,17 @@ class _PresetIds(IdGenerator):
 
 
 class _RateLimitFilter(logging.Filter):
-    """The OTLP exporters log every retry; pass their messages on at most once a minute."""
+    """The OTLP exporters log every retry and the batch processor every dropped span: pass their
+    messages on at most once a minute, and count the drops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropped = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
-        selflog.report("otlp-exporter:" + record.name, "OTLP exporter: %s", record.getMessage(), level=record.levelno)
+        if str(record.msg).startswith("Queue full"):
+            self.dropped += 1
+        selflog.report("otel-sdk:" + record.name, "OpenTelemetry SDK: %s", record.getMessage(), level=record.levelno)
         return False
 
 
@@ -193,6 +203,8 @@ class OtelSink:
         self.reporter: ReportingExporter | None = None
         # The processors we created ourselves: finished spans go straight to them (see build()).
         self._own: list[SpanProcessor] = []
+        self._quiet: _RateLimitFilter | None = None
+        bsp = {**_BSP_DEFAULTS, **settings.bsp}
         if self.attached:
             # The application (e.g. `opentelemetry-instrument`) set up OTel: use its provider and pipeline.
             self.provider = current
@@ -201,7 +213,7 @@ class OtelSink:
             if settings.exporter != "none":
                 exporter, target = make_exporter(settings)
                 self.reporter = ReportingExporter(exporter, target)
-                self._own.append(BatchSpanProcessor(self.reporter, **{**_BSP_DEFAULTS, **settings.bsp}))
+                self._own.append(BatchSpanProcessor(self.reporter, **bsp))
             self._quiet = _RateLimitFilter()
             for name in _EXPORTER_LOGGERS:
                 logging.getLogger(name).addFilter(self._quiet)
@@ -209,7 +221,7 @@ class OtelSink:
             from .otlp_json import OtlpJsonLinesExporter
 
             extra_exporters = [*extra_exporters, OtlpJsonLinesExporter(settings.json_file)]
-        self._own.extend(BatchSpanProcessor(extra) for extra in extra_exporters)
+        self._own.extend(BatchSpanProcessor(extra, **bsp) for extra in extra_exporters)
         for processor in self._own:
             self.provider.add_span_processor(processor)
         # With a provider of our own, its only processors are ours: a finished span can be handed to
@@ -217,19 +229,39 @@ class OtelSink:
         self._direct = self._own if not self.attached else []
         self._scope = InstrumentationScope(SCOPE)
         self._ids = _PresetIds()
-        # Our tracer gets the preset id generator; the provider's own generator is left as it was.
-        saved = self.provider.id_generator
-        self.provider.id_generator = self._ids
-        try:
-            self.tracer = self.provider.get_tracer(SCOPE)
-        finally:
-            self.provider.id_generator = saved
+        self.tracer = self._preset_tracer()
         self.sampler = self.provider.sampler
         self.built = 0
+        self._queue_size = bsp["max_queue_size"]
+
+    def _preset_tracer(self) -> sdk_trace.Tracer:
+        """A tracer of the provider's pipeline whose ids are ours, leaving the provider untouched.
+
+        get_tracer() would cache it in the provider, and swapping the provider's id generator,
+        even briefly, could hand preset ids to another thread's tracer.
+        """
+        p = self.provider
+        return sdk_trace.Tracer(
+            p.sampler, p.resource, p._active_span_processor, self._ids,  # noqa: SLF001 - no public way
+            None, p._span_limits, self._scope,  # noqa: SLF001 (instrumentation_info: deprecated)
+        )
 
     def should_sample(self, ctx: Context | None, trace_id: int) -> bool:
         result = self.sampler.should_sample(ctx, trace_id, "fastdeploy.request", SpanKind.INTERNAL)
         return result.decision is Decision.RECORD_AND_SAMPLE
+
+    def build_all(self, spans: list[SpanState]) -> None:
+        """Build and hand over a batch; a batch larger than the export queue waits for it to drain
+        (on the worker thread), so a burst is exported rather than dropped."""
+        step = max(1, self._queue_size // 2)
+        for i in range(0, len(spans), step):
+            if i:
+                self.provider.force_flush()
+            for span in spans[i:i + step]:
+                try:
+                    self.build(span)
+                except Exception:
+                    selflog.report("build", "fastdeploy_otel: building span %s failed; dropped", span.name, exc_info=True)
 
     def build(self, s: SpanState) -> None:
         if self._direct and not s.exceptions:
@@ -275,5 +307,11 @@ class OtelSink:
             self.provider.force_flush()
             return
         self.provider.shutdown()  # flushes and shuts down every processor and exporter
-        for name in _EXPORTER_LOGGERS:
-            logging.getLogger(name).removeFilter(self._quiet)
+        if self._quiet is not None:
+            for name in _EXPORTER_LOGGERS:
+                logging.getLogger(name).removeFilter(self._quiet)
+
+    @property
+    def dropped(self) -> int:
+        """Spans the export queue dropped (counted from the SDK's own warnings)."""
+        return self._quiet.dropped if self._quiet is not None else 0

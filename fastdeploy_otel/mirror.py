@@ -21,6 +21,7 @@ import time
 from typing import NamedTuple
 
 from . import selflog
+from .attributes import text as _text
 
 MAX_VALUE_LEN = 256
 
@@ -35,7 +36,7 @@ _SAFE_SPECIALS = frozenset("[]\\")
 
 def escape(value: object) -> str:
     """One field value that cannot break out of its brackets or its line."""
-    text = value if isinstance(value, str) else str(value)
+    text = value if isinstance(value, str) else _text(value)
     if len(text) <= MAX_VALUE_LEN and text.isprintable() and not (_SAFE_SPECIALS & set(text)):
         return text
     cut = ""
@@ -113,15 +114,14 @@ class LineFormatter:
         self._files: dict[str, str] = {}
 
     def _esc(self, value: object) -> str:
-        try:
-            return self._escaped[value]
-        except KeyError:
+        if type(value) is not str:  # only strings are cached: 1, 1.0 and True would share a key
+            return escape(value)
+        text = self._escaped.get(value)
+        if text is None:
             if len(self._escaped) > 50_000:
                 self._escaped.clear()
             text = self._escaped[value] = escape(value)
-            return text
-        except TypeError:  # unhashable
-            return escape(value)
+        return text
 
     def __call__(self, r: MirrorRecord) -> str:
         user = "" if r.user == "" else f"[user_id={self._esc(r.user)}] "  # FastDeploy drops an empty user
@@ -159,10 +159,18 @@ class TraceLogMirror:
     def write(self, records: list[MirrorRecord]) -> None:
         if not records:
             return
-        text = "\n".join(map(self._format, records))
+        text = "\n".join(map(self._line, records))
         # One LogRecord per batch: the handler checks rotation once and writes once.
         self._file.handle(logging.makeLogRecord({"msg": text, "levelno": logging.INFO, "levelname": "INFO"}))
         self.lines_written += len(records)
+
+    def _line(self, record: MirrorRecord) -> str:
+        try:
+            return self._format(record)
+        except Exception:  # one bad record must not cost the batch
+            selflog.report("mirror-format", "trace.log mirror: a line could not be formatted", exc_info=True)
+            return self._format(record._replace(user=_text(record.user), thread_name=_text(record.thread_name),
+                                                request_id=_text(record.request_id), filename="<unknown>"))
 
     def close(self) -> None:
         try:

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from .attributes import clean_all, text
 from .span_plan import CROSS_PROCESS_STAGES
 
 TRACEPARENT = "traceparent"
@@ -23,6 +24,15 @@ ERROR = "fastdeploy-error"
 MAX_STAGES_LEN = 16_384  # a carrier bigger than this drops the handed-over attributes and events
 
 _TRACEPARENT_RE = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+_SPAN_ID_RE = re.compile(r"^[0-9a-f]{16}$")
+
+
+def _time(value: Any) -> int:
+    """A carried timestamp: epoch ns that fits OTLP's fixed64 and is not absurd (after 2000, before 2262)."""
+    ns = int(value)
+    if not 946_684_800_000_000_000 <= ns < 2**63:
+        raise ValueError("timestamp out of range")
+    return ns
 
 
 class CarrierError(ValueError):
@@ -81,15 +91,12 @@ def decode(carrier: Mapping[str, Any]) -> Carried:
             if not isinstance(items, list):
                 raise ValueError
             for it in items:
-                name, sid, start = it["n"], int(it["s"], 16), int(it["t"])
-                if name not in CROSS_PROCESS_STAGES or sid == 0 or start <= 0:
+                name, sid, start = it["n"], it["s"], _time(it["t"])
+                if name not in CROSS_PROCESS_STAGES or not isinstance(sid, str) or not _SPAN_ID_RE.match(sid) or sid == "0" * 16:
                     raise ValueError
-                attrs = it.get("a") or {}
-                events = [(str(n), int(t), dict(a)) for n, t, a in it.get("e") or []]
-                if not isinstance(attrs, dict):
-                    raise ValueError
-                stages.append(HandedSpan(name, sid, start, attrs, events))
-        except (ValueError, TypeError, KeyError) as exc:
+                events = [(text(n), _time(t), clean_all(a)) for n, t, a in it.get("e") or []]
+                stages.append(HandedSpan(name, int(sid, 16), start, clean_all(it.get("a")), events))
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise CarrierError(f"{STAGES} is malformed") from exc
     error = carrier.get(ERROR)
     return Carried(trace_id, span_id, bool(flags & 1), stages, str(error)[:128] if error else None)

@@ -341,3 +341,73 @@ def test_unwritable_log_dir_keeps_tracing_without_files(traced, receiver, tmp_pa
     fdt.flush()
     assert receiver.store.wait_for(lambda s: any(x.name == "PREPROCESSING" for x in s))
     assert len([r for r in caplog.records if "cannot write to FD_LOG_DIR" in r.getMessage()]) == 1
+
+
+def test_a_reused_request_id_is_a_new_request_in_its_own_trace(traced, receiver):
+    from opentelemetry import context
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    traced()
+    for caller in ("1" * 32, "2" * 32):
+        ctx = TraceContextTextMapPropagator().extract({"traceparent": f"00-{caller}-{'a' * 16}-01"})
+        token = context.attach(ctx)
+        try:
+            fdt.trace_print(E.PREPROCESSING_START, "same-id")
+            fdt.trace_print(E.PREPROCESSING_END, "same-id")
+            fdt.finish_request("same-id")
+        finally:
+            context.detach(token)
+    fdt.flush()
+    spans = receiver.store.wait_for(lambda s: len([x for x in s if x.name == REQUEST_SPAN_NAME]) == 2)
+    roots = {s.trace_id: s for s in spans if s.name == REQUEST_SPAN_NAME}
+    assert set(roots) == {"1" * 32, "2" * 32}
+    for s in spans:
+        if s.name == "PREPROCESSING":
+            assert s.parent_span_id == roots[s.trace_id].span_id
+
+
+def test_a_burst_larger_than_the_export_queue_is_exported_not_dropped(traced, receiver):
+    traced(env={"OTEL_BSP_MAX_QUEUE_SIZE": "256"}, flush_interval_s=60)
+    for i in range(300):  # 300 requests x 2 spans in one flush: more than twice the queue
+        fdt.trace_print(E.PREPROCESSING_START, f"burst-{i}")
+        fdt.trace_print(E.PREPROCESSING_END, f"burst-{i}")
+        fdt.finish_request(f"burst-{i}")
+    fdt.flush()
+    receiver.store.wait_for(lambda s: len(s) >= 600, timeout=30)
+    st = fdt.stats()
+    assert st["spans_built"] == 600 and st["spans_dropped_export_queue"] == 0
+    assert len(receiver.store.spans()) == 600
+
+
+class _Unprintable:
+    def __str__(self) -> str:
+        raise RuntimeError("no str for you")
+
+
+def test_odd_users_neither_lose_lines_nor_get_confused(traced, tmp_path):
+    traced(mode="local")
+    for i, user in enumerate([True, 1, 1.0, _Unprintable()]):
+        fdt.trace_print(E.PREPROCESSING_START, f"u-{i}", user)
+    try:
+        raise KeyError("boom")
+    except KeyError as exc:
+        fdt.record_error("u-3", exc)
+    fdt.flush()
+    users = [l["user_id"] for l in read_mirror(str(tmp_path / "log"))]
+    assert users == ["True", "1", "1.0", "<unprintable _Unprintable>"]
+    assert "[request_id=u-3]" in (tmp_path / "log" / "error.log").read_text()
+
+
+def test_calls_from_the_top_of_a_thread_never_raise(traced):
+    """finish_request as a thread's very first frame: no caller frame to name, and still recorded."""
+    import _thread
+
+    traced(mode="local")
+    before = fdt.stats()["records"]
+    _thread.start_new_thread(fdt.finish_request, ("top",))
+    _thread.start_new_thread(fdt.record_error, ("top", ValueError("x")))
+    deadline = time.monotonic() + 5
+    while fdt.stats()["records"] - before < 2 and time.monotonic() < deadline:
+        fdt.flush()
+        time.sleep(0.05)
+    assert fdt.stats()["records"] - before == 2

@@ -192,3 +192,46 @@ def test_instrumentor_switches_tracing_on_and_off(tmp_path):
         inst.uninstrument()
     assert fdt.settings() is None
     assert "[event=PREPROCESSING_START]" in (tmp_path / "trace.log").read_text()  # flushed on uninstrument
+
+
+def test_carriers_that_parse_but_cannot_be_exported_are_rejected(traced, receiver):
+    traced()
+    base = {"traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01"}
+    bad_stages = [
+        '[{"n": "PREPROCESSING", "s": "0123456789abcdef", "t": 100000000000000000000}]',  # beyond fixed64
+        '[{"n": "PREPROCESSING", "s": "0123456789abcdef0123", "t": 1795948377129000000}]',  # not 16 hex digits
+        '[{"n": "PREPROCESSING", "s": "0123456789abcdef", "t": 1795948377129000000, "a": {"k": 10000000000000000000000}}]',
+    ]
+    for i, stages in enumerate(bad_stages):
+        fdt.extract(f"c-{i}", {**base, "fastdeploy-stages": stages})
+    fdt.trace_print(E.PREPROCESSING_START, "good")
+    fdt.trace_print(E.PREPROCESSING_END, "good")
+    fdt.finish_request("good")
+    fdt.flush()
+    spans = receiver.store.wait_for(lambda s: any(x.attributes.get(A.REQUEST_ID) == "good" for x in s))
+    assert fdt.stats()["bad_carriers"] == 2  # the third parses; its oversize int becomes a string
+    assert fdt.stats()["spans_export_failed"] == 0 and spans
+
+
+def test_malformed_carrier_under_an_http_span_keeps_the_http_parent(traced, receiver):
+    from opentelemetry import context
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    traced()
+    ctx = TraceContextTextMapPropagator().extract({"traceparent": f"00-{'c' * 32}-{'d' * 16}-01"})
+    token = context.attach(ctx)
+    try:
+        fdt.extract("under-http", {"traceparent": "garbage"})
+        fdt.trace_print(E.PREPROCESSING_END, "under-http")
+        fdt.finish_request("under-http")
+    finally:
+        context.detach(token)
+    fdt.flush()
+    spans = receiver.store.wait_for(lambda s: any(x.name == REQUEST_SPAN_NAME for x in s))
+    root = [s for s in spans if s.name == REQUEST_SPAN_NAME][0]
+    assert root.trace_id == "c" * 32 and root.parent_span_id == "d" * 16
+
+
+def test_otlp_headers_are_percent_decoded_as_the_spec_says():
+    settings, errors = load_settings({"OTEL_EXPORTER_OTLP_HEADERS": "Authorization=Bearer%20s3cr3t,x-tenant=a%2Cb"})
+    assert not errors and settings.headers == {"authorization": "Bearer s3cr3t", "x-tenant": "a,b"}

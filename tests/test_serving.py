@@ -201,7 +201,7 @@ def test_mirror_lines_agree_with_exported_spans(stack, receiver):
     while time.monotonic() < deadline:
         lines = [l for role in ("api", "engine") for l in read_mirror(os.path.join(stack.log_dir, role))
                  if l["trace_id"] == tid]
-        if any(l["event"] == "POSTPROCESSING_END" for l in lines):
+        if {"INFERENCE_END", "POSTPROCESSING_END"} <= {l["event"] for l in lines}:  # both processes flushed
             break
         time.sleep(0.1)
     needed = {l["span_id"] for l in lines}  # each process exports on its own schedule: wait for all
@@ -218,3 +218,23 @@ def test_mirror_lines_agree_with_exported_spans(stack, receiver):
         assert span.name == PLAN[event].span or (event is E.INFERENCE_START and span.name == "DECODE")
         assert line["stage"] == EVENT_TO_STAGE_MAP[event].value
         assert line["request_id"] in ("req-mirror", "req-mirror_0")
+
+
+def test_a_duplicate_in_flight_request_id_is_refused_and_the_engine_carries_on(stack):
+    import threading
+
+    body = {"prompt": "duplicate id", "max_tokens": 40, "temperature": 0, "logit_bias": {"256": -100}}
+    results = []
+
+    def send():
+        with httpx.Client(base_url=stack.base_url, timeout=60) as c:
+            results.append(c.post("/v1/completions", json=body, headers={"X-Request-Id": "dup-1"}).status_code)
+
+    threads = [threading.Thread(target=send) for _ in range(2)]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)
+    for t in threads:
+        t.join()
+    assert sorted(results) == [200, 409]
+    assert complete(stack, "after the duplicate").status_code == 200  # the engine is still serving

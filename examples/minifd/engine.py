@@ -127,16 +127,23 @@ class Engine:
                 aborts, self._aborts = self._aborts, set()
             if self._stop.is_set():
                 return
-            for rid in aborts:
-                self._abort(rid)
-            prefills = self._admit()
-            decodes = self._reserve_decode_slots([r for r in self.running if r not in prefills])
-            if not prefills and not decodes:
-                time.sleep(0.005)
-                continue
-            self._steps.put((prefills, decodes))
-            for res in self._results.get():
-                self._after_step(res)
+            try:
+                self._step(aborts)
+            except Exception:  # a bug in one step must not stop the engine: log it and go on
+                log.exception("scheduler step failed")
+                time.sleep(0.05)
+
+    def _step(self, aborts: set[str]) -> None:
+        for rid in aborts:
+            self._abort(rid)
+        prefills = self._admit()
+        decodes = self._reserve_decode_slots([r for r in self.running if r not in prefills])
+        if not prefills and not decodes:
+            time.sleep(0.005)
+            return
+        self._steps.put((prefills, decodes))
+        for res in self._results.get():
+            self._after_step(res)
 
     def _admit(self) -> list[Request]:
         admitted: list[Request] = []
@@ -163,6 +170,10 @@ class Engine:
             except NoFreeBlocks:
                 fdt.trace_print(E.PREPARE_PREFIX_CACHE_END, req.rid, req.user)
                 return admitted
+            except Exception as exc:  # this request fails; the others carry on
+                fdt.trace_print(E.PREPARE_PREFIX_CACHE_END, req.rid, req.user)
+                self._fail(req, exc, free=False)  # whatever blocks the id holds are not this request's
+                continue
             # The cache manager's own decision becomes the event on the SCHEDULE span.
             fdt.trace_print(decision.kind, req.rid, req.user, **decision.event_attributes())
             fdt.trace_print(E.PREPARE_PREFIX_CACHE_END, req.rid, req.user)
@@ -216,13 +227,14 @@ class Engine:
             self.cache.free(rid)
             fdt.abort_request(rid, "client disconnected")
 
-    def _fail(self, req: Request, exc: BaseException) -> None:
+    def _fail(self, req: Request, exc: BaseException, free: bool = True) -> None:
         with self._lock:
             if req in self.running:
                 self.running.remove(req)
             if req in self.waiting:
                 self.waiting.remove(req)
-        self.cache.free(req.rid)
+        if free:
+            self.cache.free(req.rid)
         self._outputs.put(StepResult(req, error=exc))
 
     def _after_step(self, res: StepResult) -> None:

@@ -97,6 +97,10 @@ class EngineClient:
                 loop, q = target
                 loop.call_soon_threadsafe(q.put_nowait, msg)
 
+    def in_flight(self, engine_rid: str) -> bool:
+        with self._lock:
+            return engine_rid in self._streams
+
     def submit(self, payload: dict[str, Any]) -> asyncio.Queue:
         q: asyncio.Queue = asyncio.Queue()
         with self._lock:
@@ -168,6 +172,10 @@ def create_app(client: EngineClient, model_cfg: ModelConfig) -> FastAPI:
     async def handle(raw: Request, body: CompletionRequest | ChatCompletionRequest, operation: str) -> Any:
         prefix = "chatcmpl" if operation == "chat" else "cmpl"
         rid = raw.headers.get("x-request-id") or body.request_id or f"{prefix}-{uuid.uuid4()}"
+        if client.in_flight(f"{rid}_0"):
+            # Ids key the engine's state and the trace: two live requests must not share one.
+            return JSONResponse(_error_body(f"request id {rid!r} is already in flight", "request_id"), status_code=409,
+                                headers={"X-Request-Id": rid})
         user = body.user
         begin(rid, user, operation, body)
         text = (
