@@ -20,30 +20,37 @@ from fastdeploy_otel.span_plan import REQUEST_SPAN_NAME
 from .conftest import read_mirror
 
 
-def _engine(endpoint: str, log_dir: str, carrier: dict, out) -> None:
-    """Runs in a spawned process: FastDeploy's engine side of one request."""
+def _engine(endpoint: str, log_dir: str, carrier: dict, out, rid: str = "xp_0", role: str = "mixed") -> None:
+    """Runs in a spawned process: an engine instance's side of one request."""
+    from fastdeploy_otel import lifecycles
+
+    events = {"mixed": MIXED[1:-1], "prefill": lifecycles.PD_PREFILL[1:], "decode": lifecycles.PD_DECODE[:-1]}[role]
     fdt.configure(mode="all", endpoint=endpoint, log_dir=log_dir, strict=True, env={})
-    fdt.extract("xp_0", carrier)
-    for event, attrs in MIXED[1:-1]:  # PREPROCESSING_END ... WRITE_CACHE_TO_STORAGE_END
-        fdt.trace_print(event, "xp_0", "carol", **attrs)
-    back = fdt.inject("xp_0")
-    fdt.finish_request("xp_0")
+    fdt.extract(rid, carrier)
+    for event, attrs in events:
+        fdt.trace_print(event, rid, "carol", **attrs)
+    back = fdt.inject(rid)
+    fdt.finish_request(rid)
     fdt.shutdown()
     out.put(back)
+
+
+def _spawn(*args) -> dict:
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    child = ctx.Process(target=_engine, args=(*args[:3], out, *args[3:]))
+    child.start()
+    back = out.get(timeout=60)
+    child.join(timeout=30)
+    assert child.exitcode == 0
+    return back
 
 
 def test_stages_cross_a_real_process_boundary_as_one_span(traced, receiver, tmp_path):
     traced()
     log_dir = str(tmp_path / "log")
     fdt.trace_print(E.PREPROCESSING_START, "xp", "carol")
-    carrier = fdt.inject("xp")
-    ctx = multiprocessing.get_context("spawn")
-    out = ctx.Queue()
-    child = ctx.Process(target=_engine, args=(receiver.grpc_endpoint, str(tmp_path / "engine-log"), carrier, out))
-    child.start()
-    back = out.get(timeout=60)
-    child.join(timeout=30)
-    assert child.exitcode == 0
+    back = _spawn(receiver.grpc_endpoint, str(tmp_path / "engine-log"), fdt.inject("xp"))
     fdt.extract("xp", back)
     fdt.trace_print(E.POSTPROCESSING_END, "xp", "carol")
     fdt.finish_request("xp")
@@ -68,6 +75,32 @@ def test_stages_cross_a_real_process_boundary_as_one_span(traced, receiver, tmp_
     assert {l["span_id"] for l in pre_lines} == {pre.span_id}
     assert {l["trace_id"] for l in here + there} == {root.trace_id}
     assert pre.start_ns // 1_000_000 == int(pre_lines[0]["timestamp"])
+
+
+def test_pd_prefill_and_decode_instances_in_real_processes_share_one_trace(traced, receiver, tmp_path):
+    traced()
+    fdt.trace_print(E.PREPROCESSING_START, "pd", "carol")
+    _spawn(receiver.grpc_endpoint, str(tmp_path / "p"), fdt.inject("pd"), "pd_p", "prefill")
+    back = _spawn(receiver.grpc_endpoint, str(tmp_path / "d"), fdt.inject("pd"), "pd_d", "decode")
+    fdt.extract("pd", back)
+    fdt.trace_print(E.POSTPROCESSING_END, "pd", "carol")
+    fdt.finish_request("pd")
+    fdt.flush()
+    spans = receiver.store.wait_for(lambda s: any(x.name == REQUEST_SPAN_NAME for x in s) and len(s) >= 19)
+    root = [s for s in spans if s.name == REQUEST_SPAN_NAME][0]
+    assert {s.trace_id for s in spans} == {root.trace_id}
+    pid = {rid: {s.resource["process.pid"] for s in spans if s.attributes.get(A.REQUEST_ID) == rid}
+           for rid in ("pd", "pd_p", "pd_d")}
+    assert all(len(p) == 1 for p in pid.values()) and len(set().union(*pid.values())) == 3  # three processes
+    p = {s.name: s for s in spans if s.attributes.get(A.REQUEST_ID) == "pd_p"}
+    d = {s.name: s for s in spans if s.attributes.get(A.REQUEST_ID) == "pd_d"}
+    assert p["PREPROCESSING"].parent_span_id == root.span_id  # started by the API side, ended on P
+    assert p["ASK_DECODE_RESOURCE"].parent_span_id == p["SCHEDULE"].span_id
+    assert p["CHECK_CACHE_TRANSFER"].parent_span_id == p["POSTPROCESSING"].span_id
+    assert "PREFILL" in p and "PREFILL" not in d
+    assert d["DECODE_PROCESS_PREFILLED_REQUEST"].parent_span_id == d["DECODE"].span_id
+    (post,) = [s for s in spans if s.name == "POSTPROCESSING" and s.resource["process.pid"] in pid["pd"]]
+    assert post.parent_span_id == root.span_id and post.status_code == 0  # started on D, ended here
 
 
 def test_http_continues_a_callers_traceparent(traced, receiver):
