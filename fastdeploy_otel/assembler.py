@@ -146,7 +146,9 @@ class Assembler:
         if req is None:
             return {}
         handed = []
-        for name in [n for n in req.open if n in CROSS_PROCESS_STAGES]:
+        # Only an explicitly started stage travels: one opened implicitly by its sub-stages (the PD
+        # prefill instance's POSTPROCESSING around CHECK_CACHE_TRANSFER) belongs to this process.
+        for name in [n for n, sp in req.open.items() if n in CROSS_PROCESS_STAGES and not sp.implicit]:
             span = req.open.pop(name)
             self._close_children(req, span, now_ns, "unterminated: parent stage handed to another process")
             attrs = {k: v for k, v in span.attributes.items() if k not in _PER_PROCESS}
