@@ -164,8 +164,13 @@ def test_mirror_lines_match_exported_spans(traced, receiver, tmp_path):
         assert line["file"] == "test_core.py"
 
 
-def test_sampling_zero_still_mirrors_every_request(traced, receiver, tmp_path):
-    traced(env={"OTEL_TRACES_SAMPLER": "always_off"})
+@pytest.mark.parametrize("sampler", [
+    {"OTEL_TRACES_SAMPLER": "always_off"},
+    {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0"},
+    {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0"},
+])
+def test_sampling_zero_still_mirrors_every_request(traced, receiver, tmp_path, sampler):
+    traced(env=sampler)
     for i in range(3):
         replay(f"s-{i}", MIXED)
         fdt.finish_request(f"s-{i}")
@@ -176,6 +181,7 @@ def test_sampling_zero_still_mirrors_every_request(traced, receiver, tmp_path):
     assert len(lines) == 3 * len(MIXED)
     assert len({l["trace_id"] for l in lines}) == 3
     assert all(int(l["trace_id"], 16) and int(l["span_id"], 16) for l in lines)
+    assert fdt.stats()["spans_built"] == 0  # an unsampled request costs no span building
 
 
 def test_error_is_recorded_on_stage_and_request_span_and_logged(traced, receiver, tmp_path):

@@ -46,18 +46,24 @@ def _spawn(*args) -> dict:
     return back
 
 
+def _end_on_api_side(rid: str, back: dict, receiver, at_least: int):
+    """The API server's end of a request: POSTPROCESSING comes back in the carrier and ends here."""
+    fdt.extract(rid, back)
+    fdt.trace_print(E.POSTPROCESSING_END, rid, "carol")
+    fdt.finish_request(rid)
+    fdt.flush()
+    spans = receiver.store.wait_for(lambda s: any(x.name == REQUEST_SPAN_NAME for x in s) and len(s) >= at_least)
+    root = [s for s in spans if s.name == REQUEST_SPAN_NAME][0]
+    assert {s.trace_id for s in spans} == {root.trace_id}  # one trace across every process
+    return spans, root
+
+
 def test_stages_cross_a_real_process_boundary_as_one_span(traced, receiver, tmp_path):
     traced()
     log_dir = str(tmp_path / "log")
     fdt.trace_print(E.PREPROCESSING_START, "xp", "carol")
     back = _spawn(receiver.grpc_endpoint, str(tmp_path / "engine-log"), fdt.inject("xp"))
-    fdt.extract("xp", back)
-    fdt.trace_print(E.POSTPROCESSING_END, "xp", "carol")
-    fdt.finish_request("xp")
-    fdt.flush()
-    spans = receiver.store.wait_for(lambda s: any(x.name == REQUEST_SPAN_NAME for x in s) and len(s) >= 10)
-    root = [s for s in spans if s.name == REQUEST_SPAN_NAME][0]
-    assert {s.trace_id for s in spans} == {root.trace_id}
+    spans, root = _end_on_api_side("xp", back, receiver, at_least=10)
     pids = {s.name: s.resource["process.pid"] for s in spans}
     assert pids[REQUEST_SPAN_NAME] != pids["SCHEDULE"]  # really two processes
     (pre,) = [s for s in spans if s.name == "PREPROCESSING"]
@@ -82,13 +88,7 @@ def test_pd_prefill_and_decode_instances_in_real_processes_share_one_trace(trace
     fdt.trace_print(E.PREPROCESSING_START, "pd", "carol")
     _spawn(receiver.grpc_endpoint, str(tmp_path / "p"), fdt.inject("pd"), "pd_p", "prefill")
     back = _spawn(receiver.grpc_endpoint, str(tmp_path / "d"), fdt.inject("pd"), "pd_d", "decode")
-    fdt.extract("pd", back)
-    fdt.trace_print(E.POSTPROCESSING_END, "pd", "carol")
-    fdt.finish_request("pd")
-    fdt.flush()
-    spans = receiver.store.wait_for(lambda s: any(x.name == REQUEST_SPAN_NAME for x in s) and len(s) >= 15)
-    root = [s for s in spans if s.name == REQUEST_SPAN_NAME][0]
-    assert {s.trace_id for s in spans} == {root.trace_id}
+    spans, root = _end_on_api_side("pd", back, receiver, at_least=15)
     pid = {rid: {s.resource["process.pid"] for s in spans if s.attributes.get(A.REQUEST_ID) == rid}
            for rid in ("pd", "pd_p", "pd_d")}
     assert all(len(p) == 1 for p in pid.values()) and len(set().union(*pid.values())) == 3  # three processes
