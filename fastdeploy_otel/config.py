@@ -169,6 +169,8 @@ def _from_env(env: Mapping[str, str]) -> tuple[dict[str, Any], list[ConfigError]
     def endpoint(name: str, value: str) -> str:
         if "://" not in value:
             raise ConfigError(f"{name}={value!r} needs a scheme, e.g. {DEFAULT_OTLP_GRPC_ENDPOINT}")
+        if name == "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT":
+            out["_endpoint_is_full"] = True  # the spec uses the signal-specific URL as it is
         return value
 
     read(("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"), "endpoint", endpoint)
@@ -202,6 +204,7 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> tup
     env = os.environ if env is None else env
     values, errors = _from_env(env)
     sdk_disabled = values.pop("_sdk_disabled", False)
+    endpoint_is_full = values.pop("_endpoint_is_full", False) and overrides.get("endpoint") is None
     for key in [k for k in values if k.startswith("_")]:
         values.pop(key)
     if "mode" not in values:
@@ -220,6 +223,10 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> tup
         raise ConfigError(f"sampler={settings.sampler!r} is not one of {', '.join(SAMPLERS)}")
     if settings.protocol not in PROTOCOLS:
         raise ConfigError(f"protocol={settings.protocol!r} is not one of {', '.join(PROTOCOLS)}")
+    if settings.protocol == "http/protobuf" and settings.endpoint and not endpoint_is_full:
+        # OTLP/HTTP: a base endpoint gets the signal path, as the OTel spec says.
+        if not settings.endpoint.rstrip("/").endswith("/v1/traces"):
+            settings = replace(settings, endpoint=settings.endpoint.rstrip("/") + "/v1/traces")
     if sdk_disabled and settings.otel:
         settings = replace(settings, mode="local" if settings.local else "off")
     return settings, errors

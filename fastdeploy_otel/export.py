@@ -1,8 +1,9 @@
 """The OTLP side: the TracerProvider (ours, or the application's), the exporter, and span building.
 
-Spans are built after the fact with the ids the assembler chose, through the SDK's own Tracer
-(so span limits, processors and exporters all apply as usual).  The ids are passed in through an
-IdGenerator that hands out the preset values.
+Spans are built after the fact with the ids the assembler chose.  With a provider of our own they
+go to our batch processors directly as ReadableSpans; with the application's provider (or when an
+exception must go through ``span.record_exception``) they are replayed through an SDK Tracer whose
+IdGenerator hands out the preset ids.
 """
 
 from __future__ import annotations
@@ -150,19 +151,12 @@ def make_exporter(settings: Settings) -> tuple[SpanExporter, str]:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         if settings.endpoint:
-            kwargs["endpoint"] = traces_url(settings.endpoint)
+            kwargs["endpoint"] = settings.endpoint  # config.py has added /v1/traces where the spec says so
         if settings.certificate:
             kwargs["certificate_file"] = settings.certificate
         exporter = OTLPSpanExporter(**kwargs)
         target = kwargs.get("endpoint", "http://localhost:4318/v1/traces")
     return exporter, target
-
-
-def traces_url(endpoint: str) -> str:
-    """OTLP/HTTP: a base endpoint gets the ``/v1/traces`` path the spec appends."""
-    if os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip() == endpoint or endpoint.rstrip("/").endswith("/v1/traces"):
-        return endpoint
-    return endpoint.rstrip("/") + "/v1/traces"
 
 
 def make_sampler(settings: Settings) -> Sampler:

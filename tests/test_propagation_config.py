@@ -270,3 +270,13 @@ def test_malformed_carrier_under_an_http_span_keeps_the_http_parent(traced, rece
 def test_otlp_headers_are_percent_decoded_as_the_spec_says():
     settings, errors = load_settings({"OTEL_EXPORTER_OTLP_HEADERS": "Authorization=Bearer%20s3cr3t,x-tenant=a%2Cb"})
     assert not errors and settings.headers == {"authorization": "Bearer s3cr3t", "x-tenant": "a,b"}
+
+
+def test_otlp_http_endpoints_follow_the_spec():
+    http = {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
+    base, _ = load_settings({**http, "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"})
+    full, _ = load_settings({**http, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/custom"})
+    grpc, _ = load_settings({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317"})
+    assert base.endpoint == "http://c:4318/v1/traces"  # the generic endpoint gets the signal path
+    assert full.endpoint == "http://c:4318/custom"  # the signal-specific one is used as it is
+    assert grpc.endpoint == "http://c:4317"
