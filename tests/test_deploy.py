@@ -464,7 +464,7 @@ def test_docs_have_the_traceql_and_grep_recipes(docs, readme_block):
         assert query in docs, f"docs: TraceQL example {query!r}"
     for query in ('{ event:name = "CACHE_SWAP_IN" }', "{ status = error }"):
         assert query in readme_block
-    assert re.search(r"grep [^\n]*'trace_id=[0-9a-f]{32}' log/trace\.log\*", docs), "docs: grep one trace id"
+    assert re.search(r"grep -r[^\n]*--include='trace\.log\*' 'trace_id=[0-9a-f]{32}' log/", docs), "docs: grep one trace id"
     assert "[request_id=" in docs and "[event=CACHE_SWAP_IN]" in docs
 
 
