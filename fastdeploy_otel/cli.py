@@ -1,4 +1,4 @@
-"""``fastdeploy-otel``: the demo, the server, and a mirror-log check.
+"""``fastdeploy-otel``: the demo, the server, and a check of the tracing environment.
 
     fastdeploy-otel demo [--out DIR]        run the traced stack on a workload; leave trace.log,
                                             spans.jsonl and timeline.html in DIR
@@ -112,7 +112,9 @@ def serve(args: argparse.Namespace) -> int:
                   cpu_blocks=args.cpu_blocks, max_batch=args.max_batch)
     with stack:
         print(f"serving on {stack.base_url} (OpenAI-compatible: /v1/completions, /v1/chat/completions, /v1/models, "
-              f"/health); trace.log under {args.log_dir}/<role>/; Ctrl-C to stop", flush=True)
+              f"/health); Ctrl-C to stop", flush=True)
+        print(f"{describe(load_settings()[0])}; trace.log and error.log under {args.log_dir}/<role>/, "
+              f"process output (export warnings too) in {args.log_dir}/api.out and engine.out", flush=True)
         while not stop.wait(0.5):
             dead = [role for role, p in stack.procs.items() if p.poll() is not None]
             if dead:
@@ -122,12 +124,28 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def describe(settings) -> str:
+    """One line on what tracing will do, for a startup banner."""
+    parts = {"off": ["tracing off"], "local": ["trace.log only"], "otel": [], "all": ["trace.log"]}[settings.mode]
+    if settings.otel:
+        if settings.exporter == "otlp":
+            parts.append(f"OTLP {settings.protocol} to {settings.endpoint or 'the exporter default (localhost)'}")
+        elif settings.exporter == "console":
+            parts.append("spans to the console")
+        if settings.json_file:
+            parts.append(f"spans as JSON lines to {settings.json_file}")
+    return f"tracing: FD_TRACE={settings.mode}: " + ", ".join(parts or ["no span destination"])
+
+
 def check_config(_: argparse.Namespace) -> int:
     settings, errors = load_settings()
     for exc in errors:
         print(f"error: {exc}", file=sys.stderr)
+    if errors:
+        return 2
+    print(describe(settings))
     print(settings)
-    return 2 if errors else 0
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

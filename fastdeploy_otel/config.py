@@ -208,8 +208,10 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> tup
     for key in [k for k in values if k.startswith("_")]:
         values.pop(key)
     if "mode" not in values:
-        # No FD_TRACE: the mirror always; OTLP too as soon as an endpoint is given.
-        values["mode"] = "all" if "endpoint" in values else "local"
+        # No FD_TRACE: the mirror always; spans too as soon as somewhere to send them is given.
+        values["mode"] = "all" if "endpoint" in values or "json_file" in values else "local"
+    if "json_file" in values and "endpoint" not in values and "exporter" not in values:
+        values["exporter"] = "none"  # spans to the JSON file only: do not dial localhost:4317
     unknown = set(overrides) - {f.name for f in fields(Settings)}
     if unknown:
         raise TypeError(f"configure() got unknown settings: {', '.join(sorted(unknown))}")

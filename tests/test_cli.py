@@ -67,8 +67,10 @@ def test_serve_runs_until_sigterm_then_flushes(tmp_path):
             time.sleep(0.3)
         models = httpx.get(base + "/v1/models").json()
         assert models["data"][0]["id"] == "minifd-tiny"
-        resp = httpx.post(base + "/v1/completions", json={"prompt": "serve me", "max_tokens": 3}, timeout=60)
-        assert resp.status_code == 200 and len(resp.headers["x-trace-id"]) == 32
+        caller = "5" * 32  # FD_TRACE=local: no HTTP span, and trace.log still continues the caller's trace
+        resp = httpx.post(base + "/v1/completions", json={"prompt": "serve me", "max_tokens": 3}, timeout=60,
+                          headers={"traceparent": f"00-{caller}-{'6' * 16}-01"})
+        assert resp.status_code == 200 and resp.headers["x-trace-id"] == caller
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
     finally:

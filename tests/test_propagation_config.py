@@ -186,6 +186,8 @@ def test_explicit_arguments_win_over_the_environment():
     assert settings.mode == "all"  # an endpoint turns export on when FD_TRACE is unset
     settings, _ = load_settings({"OTEL_SDK_DISABLED": "true", "FD_TRACE": "all"})
     assert settings.mode == "local"
+    settings, _ = load_settings({"FD_TRACE_JSON_FILE": "/tmp/spans.jsonl"})
+    assert (settings.mode, settings.exporter) == ("all", "none")  # spans to the file; no dialling localhost
 
 
 def test_attaches_to_an_existing_tracer_provider(receiver, tmp_path):

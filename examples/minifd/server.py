@@ -9,20 +9,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import signal
 import threading
 import time
 import uuid
-from typing import Any, AsyncIterator, Literal
+from typing import Any, AsyncIterator, Iterator, Literal
 
 import uvicorn
 import zmq
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from opentelemetry import trace
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
 from pydantic import BaseModel, Field
 
 import fastdeploy_otel as fdt
@@ -122,6 +124,20 @@ class EngineClient:
         self._ctx.term()
 
 
+@contextlib.contextmanager
+def _caller_context(raw: Request) -> Iterator[None]:
+    """The caller's W3C traceparent, when no HTTP server span carries it already (FD_TRACE=local:
+    no OTLP, so no FastAPI instrumentation), so that trace.log continues the caller's trace too."""
+    if trace.get_current_span().get_span_context().is_valid or "traceparent" not in raw.headers:
+        yield
+        return
+    token = otel_context.attach(propagate.extract(raw.headers))
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
+
+
 def _error_body(message: str, param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": None}}
 
@@ -134,12 +150,13 @@ def _trace_id_of(carrier: dict[str, str]) -> str | None:
 def create_app(client: EngineClient, model_cfg: ModelConfig) -> FastAPI:
     app = FastAPI(title="minifd", version="0.1")
 
-    def begin(rid: str, user: str | None, operation: str, body: CompletionRequest | ChatCompletionRequest) -> None:
-        fdt.trace_print(
-            E.PREPROCESSING_START, rid, user, operation=operation, model=body.model,
-            max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
-            stream=body.stream, prompt=getattr(body, "prompt", None) or [m.content for m in getattr(body, "messages", [])],
-        )
+    def begin(raw: Request, rid: str, user: str | None, operation: str, body: CompletionRequest | ChatCompletionRequest) -> None:
+        with _caller_context(raw):
+            fdt.trace_print(
+                E.PREPROCESSING_START, rid, user, operation=operation, model=body.model,
+                max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
+                stream=body.stream, prompt=getattr(body, "prompt", None) or [m.content for m in getattr(body, "messages", [])],
+            )
 
     def validate(body: CompletionRequest | ChatCompletionRequest, prompt_tokens: list[int]) -> None:
         if body.model != MODEL_NAME:
@@ -177,7 +194,7 @@ def create_app(client: EngineClient, model_cfg: ModelConfig) -> FastAPI:
             return JSONResponse(_error_body(f"request id {rid!r} is already in flight", "request_id"), status_code=409,
                                 headers={"X-Request-Id": rid})
         user = body.user
-        begin(rid, user, operation, body)
+        begin(raw, rid, user, operation, body)
         text = (
             body.prompt if isinstance(body, CompletionRequest)
             else "".join(f"{m.role}: {m.content}\n" for m in body.messages) + "assistant:"
@@ -298,7 +315,8 @@ def create_app(client: EngineClient, model_cfg: ModelConfig) -> FastAPI:
     async def invalid(raw: Request, exc: RequestValidationError) -> JSONResponse:
         """A body that does not parse is still a request: it gets a trace with the error on it."""
         rid = raw.headers.get("x-request-id") or f"invalid-{uuid.uuid4()}"
-        fdt.trace_print(E.PREPROCESSING_START, rid, None)
+        with _caller_context(raw):
+            fdt.trace_print(E.PREPROCESSING_START, rid, None)
         errors = exc.errors()
         first = errors[0] if errors else {}
         message = f"{'.'.join(str(p) for p in first.get('loc', ()))}: {first.get('msg', 'invalid request')}"

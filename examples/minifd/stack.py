@@ -9,6 +9,7 @@ trace.log under ``log_dir/<role>/`` (two processes must not rotate one file).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -66,13 +67,16 @@ class Stack:
             env.setdefault("OTEL_TRACES_EXPORTER", "none")  # no collector given: do not dial localhost:4317
         if self.json_dir:
             env["FD_TRACE_JSON_FILE"] = os.path.join(self.json_dir, f"{role}.jsonl")
+        elif env.get("FD_TRACE_JSON_FILE"):  # one file per process: two writers must not share one
+            root, ext = os.path.splitext(env["FD_TRACE_JSON_FILE"])
+            env["FD_TRACE_JSON_FILE"] = f"{root}.{role}{ext or '.jsonl'}"
         env.update(self.extra_env)
         return env
 
     def start(self) -> "Stack":
         tag = uuid.uuid4().hex[:8]
-        ipc = tempfile.gettempdir()
-        to_engine, from_engine = f"ipc://{ipc}/minifd-{tag}-in", f"ipc://{ipc}/minifd-{tag}-out"
+        self._ipc = [os.path.join(tempfile.gettempdir(), f"minifd-{tag}-{d}") for d in ("in", "out")]
+        to_engine, from_engine = (f"ipc://{path}" for path in self._ipc)
         port = self.port or free_port()
         os.makedirs(self.log_dir, exist_ok=True)
         self.procs["api"] = subprocess.Popen(
@@ -117,6 +121,9 @@ class Stack:
                 proc.kill()
                 proc.wait()
         self.procs.clear()
+        for path in getattr(self, "_ipc", ()):  # the ZMQ ipc socket files
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
     def __enter__(self) -> "Stack":
         return self.start()
