@@ -276,7 +276,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     """A compact table of summarize()'s numbers."""
     ratio = summary.get("cache_hit_ratio")
     lines = [
-        f"requests {summary['requests']}   errors {summary['errors']}   aborted {summary['aborted']}"
+        f"requests {summary['requests']}   errors {summary['errors']} (aborted included)   aborted {summary['aborted']}"
         f"   preempted {summary.get('preempted', 0)}",
         "cache hit ratio "
         + (f"{ratio * 100:.1f}%" if ratio is not None else "-")
