@@ -52,11 +52,6 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
-    @property
-    def max_blocks_per_seq(self) -> int:
-        """Blocks one sequence of max_context tokens needs."""
-        return -(-self.max_context // self.block_size)
-
 
 class RMSNorm(nn.Layer):
     """RMSNorm: cheaper than LayerNorm and what current decoder LLMs use."""

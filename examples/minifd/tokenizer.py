@@ -24,8 +24,3 @@ def decode(ids: list[int]) -> str:
     because a random model happily emits invalid byte sequences."""
     return bytes(i for i in ids if 0 <= i < NUM_BYTES).decode("utf-8", errors="replace")
 
-
-def decode_bytes(ids: list[int]) -> bytes:
-    """Raw bytes of the non-special ids, for incremental (streaming) detokenization
-    where a multi-byte character may be split across steps."""
-    return bytes(i for i in ids if 0 <= i < NUM_BYTES)
