@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import random
-import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -20,6 +19,7 @@ from opentelemetry.context import Context
 from . import attributes as A
 from . import selflog
 from .events import EVENT_TO_STAGE_MAP, LoggingEventName
+from .errorlog import ErrorLog
 from .mirror import MirrorRecord
 from .propagation import Carried, CarrierError, HandedSpan, decode, encode
 from .span_plan import CROSS_PROCESS_STAGES, PLAN, REQUEST_SPAN_NAME, STAGE_ORDER, Action
@@ -76,19 +76,6 @@ class RequestState:
     span: SpanState | None  # the request span, when owner
     open: dict[str, SpanState] = field(default_factory=dict)  # open spans by name, in opening order
     error: str | None = None
-
-
-@dataclass
-class ErrorLog:
-    ts_ns: int
-    request_id: str
-    trace_id: int
-    span_id: int
-    exc_type: str
-    message: str
-    traceback: str
-    filename: str = ""
-    lineno: int = 0
 
 
 # How long after finish_request an event still counts as a late event of that request.
@@ -202,7 +189,7 @@ class Assembler:
                 sampled,
                 ts,
                 "",
-                attributes={A.REQUEST_ID: request_id},
+                attributes={A.REQUEST_ID: A.capped(request_id)},
             )
             req = RequestState(request_id, user, trace_id, span.span_id, True, sampled, ts, span)
         self.requests[request_id] = req
@@ -214,7 +201,7 @@ class Assembler:
             name, req.trace_id, new_span_id(), parent, not req.owner and name == stage, req.sampled, ts, stage,
             implicit=implicit, last_ns=ts,
         )
-        span.attributes[A.REQUEST_ID] = req.request_id
+        span.attributes[A.REQUEST_ID] = A.capped(req.request_id)
         span.attributes[A.STAGE] = stage
         if implicit:
             span.attributes[A.IMPLICIT_START] = True
@@ -242,7 +229,7 @@ class Assembler:
         if error and not span.error:
             span.error = error
         if req.user is not None:  # the user may only be known from a later event
-            span.attributes[A.USER_ID] = A.text(req.user)
+            span.attributes[A.USER_ID] = A.capped(A.text(req.user))
         parent = req.open.get(span.stage) if span.name != span.stage else None
         if parent is not None:
             parent.last_ns = max(parent.last_ns, span.end_ns)
@@ -333,9 +320,7 @@ class Assembler:
         if req.span is not None:
             req.span.attributes[A.ERROR_TYPE] = exc_type
         span_id = span.span_id if span is not None else req.span_id
-        self.errors.append(
-            ErrorLog(ts, rid, req.trace_id, span_id, exc_type, A.text(exc), format_traceback(exc), filename, lineno)
-        )
+        self.errors.append(ErrorLog(ts, rid, req.trace_id, span_id, exc, filename, lineno))
 
     def _finish(self, rid: str, ts: int, kwargs: dict | None, error: str | None = None) -> None:
         req = self.requests.pop(rid, None)
@@ -360,7 +345,7 @@ class Assembler:
                 span.error = req.error
             span.end_ns = max(ts, span.start_ns)
             if req.user is not None:
-                span.attributes[A.USER_ID] = A.text(req.user)
+                span.attributes[A.USER_ID] = A.capped(A.text(req.user))
             if span.sampled:
                 self.spans.append(span)
         self._finished[rid] = (req.trace_id, req.span_id, req.sampled, ts)
@@ -419,6 +404,3 @@ class Assembler:
             if req.span is not None:
                 req.span.attributes.setdefault(A.ERROR_TYPE, carried.error)
 
-
-def format_traceback(exc: BaseException) -> str:
-    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))

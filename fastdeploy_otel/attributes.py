@@ -84,6 +84,17 @@ def text(value: object) -> str:
         return f"<unprintable {type(value).__name__}>"
 
 
+# Values a client chooses (request id, user) are capped on spans as in trace.log: 256 characters.
+MAX_CLIENT_VALUE_LEN = 256
+
+
+def capped(value: str) -> str:
+    """A client-chosen string as a span attribute: cut at MAX_CLIENT_VALUE_LEN and marked."""
+    if len(value) <= MAX_CLIENT_VALUE_LEN:
+        return value
+    return f"{value[:MAX_CLIENT_VALUE_LEN]}...(+{len(value) - MAX_CLIENT_VALUE_LEN} chars)"
+
+
 def clean(value: Any) -> AttributeValue:
     """An OTel-legal attribute value: str, bool, int64, float or a homogeneous list of them."""
     if isinstance(value, (str, bool, float)):

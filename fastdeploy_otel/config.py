@@ -61,6 +61,13 @@ class Settings:
     max_requests: int = 100_000  # requests in flight before the oldest is evicted
     request_ttl_s: float = 600.0  # a request with no event for this long is evicted
     flush_interval_s: float = 0.1  # how often the worker turns events into spans and lines (small batches: short GIL holds)
+    shutdown_timeout_s: float = 5.0  # shutdown() returns within this, whatever the collector does
+    max_export_batch_bytes: int = 3 * 1024 * 1024  # an export message stays under a collector's 4 MiB gRPC limit
+    # The OTel span limits (OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT, ...), applied to every span we build.
+    attribute_count_limit: int = 128
+    event_count_limit: int = 128
+    event_attribute_count_limit: int = 128
+    attribute_length_limit: int | None = None  # None: no limit, as in OTel
 
     @property
     def otel(self) -> bool:
@@ -180,6 +187,14 @@ def _from_env(env: Mapping[str, str]) -> tuple[dict[str, Any], list[ConfigError]
     read(("FD_TRACE_MAX_REQUESTS",), "max_requests", lambda n, v: _number(n, v, int, 1))
     read(("FD_TRACE_REQUEST_TTL",), "request_ttl_s", lambda n, v: _number(n, v, float, 0.001))
     read(("FD_TRACE_FLUSH_INTERVAL_MS",), "flush_interval_s", lambda n, v: _number(n, v, float, 1) / 1000)
+
+    read(("FD_TRACE_SHUTDOWN_TIMEOUT_MS",), "shutdown_timeout_s", lambda n, v: _number(n, v, float, 0) / 1000)
+    read(("FD_TRACE_MAX_EXPORT_BATCH_BYTES",), "max_export_batch_bytes", lambda n, v: _number(n, v, int, 1024))
+    count = lambda n, v: _number(n, v, int, 0)  # noqa: E731
+    read(("OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "OTEL_ATTRIBUTE_COUNT_LIMIT"), "attribute_count_limit", count)
+    read(("OTEL_SPAN_EVENT_COUNT_LIMIT",), "event_count_limit", count)
+    read(("OTEL_EVENT_ATTRIBUTE_COUNT_LIMIT", "OTEL_ATTRIBUTE_COUNT_LIMIT"), "event_attribute_count_limit", count)
+    read(("OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT", "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT"), "attribute_length_limit", count)
 
     read(("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"), "timeout_s", lambda n, v: _number(n, v, float, 0.001) / 1000)
     read(("OTEL_TRACES_SAMPLER",), "sampler", choice(SAMPLERS))

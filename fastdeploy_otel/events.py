@@ -111,7 +111,7 @@ def lookup(event: object) -> LoggingEventName | None:
     """The event for an enum member, its name or an alias; None when unknown."""
     try:
         return _LOOKUP.get(event)
-    except TypeError:  # unhashable input
+    except Exception:  # unhashable input, or a __hash__/__eq__ that raises
         return None
 
 
@@ -119,8 +119,12 @@ def parse_event(event: object) -> LoggingEventName:
     """Like lookup, but an unknown name is an error that lists what is accepted."""
     found = lookup(event)
     if found is None:
+        try:
+            shown = repr(event)[:64]
+        except Exception:
+            shown = f"<unprintable {type(event).__name__}>"
         raise UnknownEventError(
-            f"unknown FastDeploy trace event {event!r}; expected a LoggingEventName "
+            f"unknown FastDeploy trace event {shown}; expected a LoggingEventName "
             f"(e.g. 'PREPROCESSING_START') or one of the aliases {sorted(ALIASES)}"
         )
     return found

@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Sequence
+import time
+from typing import Any, Sequence
 
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace import Event, ReadableSpan, SpanLimits, TracerProvider
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk import trace as sdk_trace
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.sdk.trace.id_generator import IdGenerator
@@ -33,18 +34,18 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status,
 
 from . import selflog
 from .assembler import SpanState
+from .channel import ExportChannel
+from .limits import Limits, limit_attributes
 from .config import DEFAULT_SERVICE_NAME, Settings
 
 SCOPE = "fastdeploy_otel"
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _UNSET = Status(StatusCode.UNSET)
-_MAX_EVENTS = 128  # the SDK's default span event limit
 # FastDeploy's and SGLang's export cadence (FD_OTLP_EXPORTER_SCHEDULE_DELAY_MILLIS / _MAX_EXPORT_BATCH_SIZE):
 # small, frequent batches keep each encoding burst short, which matters in a GIL-bound engine.
 # OTEL_BSP_* variables override them.
 _BSP_DEFAULTS = {"schedule_delay_millis": 500, "max_export_batch_size": 64, "max_queue_size": 8192}
 _EXPORTER_LOGGERS = (
-    "opentelemetry.sdk._shared_internal",  # the batch processor: "Queue full, dropping Span."
     "opentelemetry.exporter.otlp.proto.common._internal",
     "opentelemetry.exporter.otlp.proto.grpc.exporter",
     "opentelemetry.exporter.otlp.proto.http.trace_exporter",
@@ -67,58 +68,11 @@ class _PresetIds(IdGenerator):
 
 
 class _RateLimitFilter(logging.Filter):
-    """The OTLP exporters log every retry and the batch processor every dropped span: pass their
-    messages on at most once a minute, and count the drops."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.dropped = 0
+    """The OTLP exporters log every retry: pass their messages on at most once a minute."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if str(record.msg).startswith("Queue full"):
-            self.dropped += 1
         selflog.report("otel-sdk:" + record.name, "OpenTelemetry SDK: %s", record.getMessage(), level=record.levelno)
         return False
-
-
-class ReportingExporter(SpanExporter):
-    """Counts what was exported and says once when export starts failing, and once when it recovers."""
-
-    def __init__(self, inner: SpanExporter, target: str) -> None:
-        self.inner = inner
-        self.target = target
-        self.exported = 0
-        self.failed = 0
-        self._down = False
-        self._lock = threading.Lock()
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        try:
-            result = self.inner.export(spans)
-        except Exception:  # an exporter bug must not kill the BSP thread
-            selflog.report("export-crash", "OTLP exporter raised; spans dropped", exc_info=True)
-            result = SpanExportResult.FAILURE
-        with self._lock:
-            if result is SpanExportResult.SUCCESS:
-                self.exported += len(spans)
-                if self._down:
-                    self._down = False
-                    selflog.logger.warning("OTLP export to %s recovered", self.target)
-            else:
-                self.failed += len(spans)
-                if not self._down:
-                    self._down = True
-                    selflog.logger.warning(
-                        "OTLP export to %s is failing; spans are dropped and counted (serving is not affected)",
-                        self.target,
-                    )
-        return result
-
-    def shutdown(self) -> None:
-        self.inner.shutdown()
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return self.inner.force_flush(timeout_millis)
 
 
 def make_exporter(settings: Settings) -> tuple[SpanExporter, str]:
@@ -189,25 +143,33 @@ def make_resource(settings: Settings) -> Resource:
 
 
 class OtelSink:
-    """Builds finished spans through an SDK tracer and owns the provider when we created it."""
+    """Builds finished spans and hands them to export channels; owns the provider when it made it.
+
+    Nothing here blocks: with our own provider the spans go to our channels' bounded queues; with
+    the application's provider they are replayed through its pipeline on a channel thread of ours,
+    since its processors may export synchronously.
+    """
 
     def __init__(self, settings: Settings, extra_exporters: Sequence[SpanExporter] = ()) -> None:
         current = trace.get_tracer_provider()
         self.attached = isinstance(current, TracerProvider)
-        self.reporter: ReportingExporter | None = None
-        # The processors we created ourselves: finished spans go straight to them (see build()).
-        self._own: list[SpanProcessor] = []
+        self.settings = settings
+        self.limits = Limits(settings.attribute_count_limit, settings.event_count_limit,
+                             settings.event_attribute_count_limit, settings.attribute_length_limit)
+        options = {**_BSP_DEFAULTS, **settings.bsp, "max_batch_bytes": settings.max_export_batch_bytes}
+        self.channels: list[ExportChannel] = []
         self._quiet: _RateLimitFilter | None = None
-        bsp = {**_BSP_DEFAULTS, **settings.bsp}
         if self.attached:
             # The application (e.g. `opentelemetry-instrument`) set up OTel: use its provider and pipeline.
             self.provider = current
         else:
-            self.provider = TracerProvider(resource=make_resource(settings), sampler=make_sampler(settings))
+            self.provider = TracerProvider(
+                resource=make_resource(settings), sampler=make_sampler(settings), span_limits=self._span_limits(),
+                shutdown_on_exit=False,  # api.py's exit hook stops us, within the shutdown deadline
+            )
             if settings.exporter != "none":
                 exporter, target = make_exporter(settings)
-                self.reporter = ReportingExporter(exporter, target)
-                self._own.append(BatchSpanProcessor(self.reporter, **bsp))
+                self.channels.append(ExportChannel(exporter, target, **options))
             self._quiet = _RateLimitFilter()
             for name in _EXPORTER_LOGGERS:
                 logging.getLogger(name).addFilter(self._quiet)
@@ -215,18 +177,27 @@ class OtelSink:
             from .otlp_json import OtlpJsonLinesExporter
 
             extra_exporters = [*extra_exporters, OtlpJsonLinesExporter(settings.json_file)]
-        self._own.extend(BatchSpanProcessor(extra, **bsp) for extra in extra_exporters)
-        for processor in self._own:
-            self.provider.add_span_processor(processor)
-        # With a provider of our own, its only processors are ours: a finished span can be handed to
-        # them as a ReadableSpan, without replaying it through Tracer.start_span (several times faster).
-        self._direct = self._own if not self.attached else []
+        self.channels.extend(ExportChannel(x, type(x).__name__, **options) for x in extra_exporters)
+        for channel in self.channels:
+            self.provider.add_span_processor(channel)
         self._scope = InstrumentationScope(SCOPE)
         self._ids = _PresetIds()
         self.tracer = self._preset_tracer()
         self.sampler = self.provider.sampler
         self.built = 0
-        self._queue_size = bsp["max_queue_size"]
+        # With the application's provider, its processors may block (SimpleSpanProcessor): replay there
+        # from a thread of ours, behind the same bounded queue.
+        self._replayer: ExportChannel | None = None
+        if self.attached:
+            self._replayer = ExportChannel(None, "application-provider", sized=False, export=self._replay_all,
+                                           **{**options, "schedule_delay_millis": 50})
+
+    def _span_limits(self) -> SpanLimits:
+        lim = self.limits
+        return SpanLimits(
+            max_span_attributes=lim.attributes, max_events=lim.events, max_event_attributes=lim.event_attributes,
+            max_attribute_length=SpanLimits.UNSET if lim.value_length is None else lim.value_length,
+        )
 
     def _preset_tracer(self) -> sdk_trace.Tracer:
         """A tracer of the provider's pipeline whose ids are ours, leaving the provider untouched.
@@ -245,40 +216,50 @@ class OtelSink:
         return result.decision is Decision.RECORD_AND_SAMPLE
 
     def build_all(self, spans: list[SpanState]) -> None:
-        """Build and hand over a batch; a batch larger than the export queue waits for it to drain
-        (on the worker thread), so a burst is exported rather than dropped."""
-        step = max(1, self._queue_size // 2)
-        for i in range(0, len(spans), step):
-            if i:
-                self.provider.force_flush()
-            for span in spans[i:i + step]:
-                try:
-                    self.build(span)
-                except Exception:
-                    selflog.report("build", "fastdeploy_otel: building span %s failed; dropped", span.name, exc_info=True)
+        """Hand a batch over (never blocks: a full queue drops and counts)."""
+        if self._replayer is not None:
+            for s in spans:
+                self._replayer.on_end(s)
+            return
+        for span in spans:
+            try:
+                self.build(span)
+            except Exception:
+                selflog.report("build", "fastdeploy_otel: building span %s failed; dropped", span.name, exc_info=True)
 
     def build(self, s: SpanState) -> None:
-        if self._direct and not s.exceptions:
-            self._hand_over(s)
-        else:  # the application's provider, or an exception to record with span.record_exception
+        if s.exceptions:  # through the SDK, so that span.record_exception makes the exception events
             self._replay(s)
+        else:
+            self._hand_over(s)
         self.built += 1
 
     def _hand_over(self, s: SpanState) -> None:
+        lim = self.limits
+        events = s.events if len(s.events) <= lim.events else s.events[: lim.events]
         span = ReadableSpan(
             s.name,
             SpanContext(s.trace_id, s.span_id, is_remote=False, trace_flags=_SAMPLED),
             SpanContext(s.trace_id, s.parent_id, is_remote=s.parent_remote, trace_flags=_SAMPLED) if s.parent_id else None,
             self.provider.resource,
-            s.attributes,
-            [Event(name, attrs, ts) for name, ts, attrs in s.events[:_MAX_EVENTS]],
+            limit_attributes(s.attributes, lim.attributes, lim.value_length),
+            [Event(name, limit_attributes(attrs, lim.event_attributes, lim.value_length), ts) for name, ts, attrs in events],
             status=Status(StatusCode.ERROR, s.error) if s.error else _UNSET,
             start_time=s.start_ns,
             end_time=s.end_ns,
             instrumentation_scope=self._scope,
         )
-        for processor in self._direct:
-            processor.on_end(span)
+        for channel in self.channels:
+            channel.on_end(span)
+
+    def _replay_all(self, spans: Sequence[SpanState]) -> SpanExportResult:
+        for s in spans:
+            try:
+                self._replay(s)
+                self.built += 1
+            except Exception:
+                selflog.report("build", "fastdeploy_otel: building span %s failed; dropped", s.name, exc_info=True)
+        return SpanExportResult.SUCCESS
 
     def _replay(self, s: SpanState) -> None:
         if s.parent_id:
@@ -296,16 +277,52 @@ class OtelSink:
             span.set_status(Status(StatusCode.ERROR, s.error))
         span.end(s.end_ns)
 
-    def shutdown(self) -> None:
+    # ---- deadlines ------------------------------------------------------------------------------------
+    def _all_channels(self) -> list[ExportChannel]:
+        return ([self._replayer] if self._replayer is not None else []) + self.channels
+
+    def flush(self, timeout_s: float) -> bool:
+        """Export what is queued, within `timeout_s`; False when the deadline passed first."""
+        deadline = time.monotonic() + timeout_s
+        done = True
+        for channel in self._all_channels():
+            done = channel.force_flush(int(max(0.0, deadline - time.monotonic()) * 1000)) and done
         if self.attached:
-            self.provider.force_flush()
-            return
-        self.provider.shutdown()  # flushes and shuts down every processor and exporter
+            done = run_with_deadline(self.provider.force_flush, deadline) and done
+        return done
+
+    def shutdown(self, deadline: float) -> int:
+        """Stop within `deadline` (a time.monotonic() value); returns the spans lost at the deadline."""
+        lost = 0
+        if self._replayer is not None:
+            lost += self._replayer.shutdown(int(max(0.0, deadline - time.monotonic()) * 1000))
+        if self.attached:
+            run_with_deadline(self.provider.force_flush, deadline)
+        for channel in self.channels:
+            channel.begin_shutdown()  # all at once: a slow collector must not eat the JSON file's time
+        for channel in self.channels:
+            lost += channel.finish_shutdown(deadline)
         if self._quiet is not None:
             for name in _EXPORTER_LOGGERS:
                 logging.getLogger(name).removeFilter(self._quiet)
+        return lost
 
-    @property
-    def dropped(self) -> int:
-        """Spans the export queue dropped (counted from the SDK's own warnings)."""
-        return self._quiet.dropped if self._quiet is not None else 0
+    def counters(self) -> dict[str, int]:
+        out = {"spans_built": self.built}
+        chans = self._all_channels()
+        out["spans_dropped_export_queue"] = sum(c.dropped for c in chans)
+        out["spans_lost_at_shutdown"] = sum(c.lost for c in chans)
+        out["spans_truncated"] = sum(c.truncated for c in chans)
+        out["spans_export_queued"] = sum(c.queued for c in chans)
+        if self.channels:
+            out["spans_exported"] = self.channels[0].exported
+            out["spans_export_failed"] = self.channels[0].failed
+        return out
+
+
+def run_with_deadline(fn: Any, deadline: float) -> bool:
+    """Call `fn` on a daemon thread and wait for it until `deadline`; False if it has not returned."""
+    t = threading.Thread(target=fn, name="fastdeploy-otel-deadline", daemon=True)
+    t.start()
+    t.join(max(0.0, deadline - time.monotonic()))
+    return not t.is_alive()

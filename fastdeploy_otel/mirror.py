@@ -13,8 +13,6 @@ forge a field.  ``LINE_RE`` and ``FIELD_RE`` parse a line back.
 
 from __future__ import annotations
 
-import logging
-import logging.handlers
 import os
 import re
 import time
@@ -22,6 +20,7 @@ from typing import NamedTuple
 
 from . import selflog
 from .attributes import text as _text
+from .logfile import DatedFile
 
 MAX_VALUE_LEN = 256
 
@@ -91,7 +90,7 @@ class MirrorRecord(NamedTuple):
     span_id: int
 
 
-class _AscTime:
+class AscTime:
     """``2026-04-28 10:15:02,118`` for an epoch-ns time, caching the per-second part."""
 
     def __init__(self) -> None:
@@ -107,7 +106,7 @@ class _AscTime:
 
 class LineFormatter:
     def __init__(self) -> None:
-        self._asctime = _AscTime()
+        self._asctime = AscTime()
         self._pid = os.getpid()
         # The same request ids, users, threads and files recur line after line: escape each once.
         self._escaped: dict[object, str] = {}
@@ -136,33 +135,26 @@ class LineFormatter:
         )
 
 
-class DailyFile(logging.handlers.TimedRotatingFileHandler):
-    """The stdlib's midnight rotation (``trace.log`` is today's file, older days are
-    ``trace.log.YYYY-MM-DD``); a failed write (full disk, removed directory) is reported once, not raised."""
-
-    def handleError(self, record: logging.LogRecord) -> None:
-        selflog.report("write:" + self.baseFilename, "%s: write failed; records are being dropped",
-                       self.baseFilename, exc_info=True)
-
-
 class TraceLogMirror:
     """Writes batches of mirror lines, one ``write`` per batch."""
 
     def __init__(self, log_dir: str, backup_count: int = 7, file_name: str = "trace.log") -> None:
-        os.makedirs(log_dir, exist_ok=True)
-        self.path = os.path.join(log_dir, file_name)
-        self._file = DailyFile(self.path, when="midnight", backupCount=backup_count, encoding="utf-8", delay=True)
-        self._file.setFormatter(logging.Formatter("%(message)s"))
+        self.file = DatedFile(os.path.join(log_dir, file_name), backup_count)
+        self.path = self.file.path
         self._format = LineFormatter()
-        self.lines_written = 0
+
+    @property
+    def lines_written(self) -> int:
+        return self.file.lines_written
+
+    @property
+    def lines_failed(self) -> int:
+        return self.file.lines_failed
 
     def write(self, records: list[MirrorRecord]) -> None:
-        if not records:
-            return
-        text = "\n".join(map(self._line, records))
-        # One LogRecord per batch: the handler checks rotation once and writes once.
-        self._file.handle(logging.makeLogRecord({"msg": text, "levelno": logging.INFO, "levelname": "INFO"}))
-        self.lines_written += len(records)
+        """One write per batch: the lines of concurrent processes never interleave mid-line."""
+        if records:
+            self.file.write("".join([self._line(r) + "\n" for r in records]), len(records))
 
     def _line(self, record: MirrorRecord) -> str:
         try:
@@ -173,7 +165,4 @@ class TraceLogMirror:
                                                 request_id=_text(record.request_id), filename="<unknown>"))
 
     def close(self) -> None:
-        try:
-            self._file.close()
-        except OSError:
-            selflog.report("mirror-close", "trace.log mirror: closing %s failed; buffered lines lost", self.path, exc_info=True)
+        self.file.close()

@@ -130,13 +130,69 @@ class SpanStore:
             self.count = 0
 
 
+class Fault:
+    """How the receiver misbehaves, for fault tests: set ``receiver.fault.mode`` at any time.
+
+    ``ok``; ``unavailable`` (gRPC UNAVAILABLE / HTTP 503); ``exhausted`` (RESOURCE_EXHAUSTED / 429);
+    ``slow`` (answer after ``delay_s``); ``hang`` (never answer until released or 60 s).
+    """
+
+    def __init__(self) -> None:
+        self.mode = "ok"
+        self.delay_s = 0.0
+        self.calls = 0
+        self.release = threading.Event()
+
+    def apply(self) -> str:
+        """Sleep as the mode says; returns the mode to answer with."""
+        self.calls += 1
+        mode = self.mode
+        if mode == "slow":
+            time.sleep(self.delay_s)
+        elif mode == "hang":
+            self.release.wait(60)
+        return mode
+
+
 class _Servicer(trace_service_pb2_grpc.TraceServiceServicer):
-    def __init__(self, store: SpanStore) -> None:
+    def __init__(self, store: SpanStore, fault: Fault) -> None:
         self.store = store
+        self.fault = fault
 
     def Export(self, request, context):  # noqa: N802 - gRPC method name
+        mode = self.fault.apply()
+        if mode == "unavailable":
+            context.abort(grpc.StatusCode.UNAVAILABLE, "receiver: unavailable (fault test)")
+        if mode == "exhausted":
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "receiver: exhausted (fault test)")
         self.store.add(request)
         return trace_service_pb2.ExportTraceServiceResponse()
+
+
+class BlackHole:
+    """A port that accepts TCP connections (the kernel does) and never answers: a hung collector."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        import socket
+
+        self._sock = socket.socket()
+        self._sock.bind((host, 0))
+        self._sock.listen(64)
+        self.port = self._sock.getsockname()[1]
+        self.endpoint = f"http://{host}:{self.port}"
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def refused_endpoint(host: str = "127.0.0.1") -> str:
+    """An endpoint where nothing listens: connections are refused."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port = s.getsockname()[1]
+    return f"http://{host}:{port}"
 
 
 class OtlpReceiver:
@@ -144,14 +200,21 @@ class OtlpReceiver:
 
     def __init__(self, host: str = "127.0.0.1", keep: bool = True) -> None:
         self.store = SpanStore(keep)
-        self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Servicer(self.store), self._grpc)
+        self.fault = Fault()
+        self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Servicer(self.store, self.fault), self._grpc)
         self.grpc_port = self._grpc.add_insecure_port(f"{host}:0")
-        store = self.store
+        store, fault = self.store, self.fault
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                mode = fault.apply()
+                if mode in ("unavailable", "exhausted"):
+                    self.send_response(503 if mode == "unavailable" else 429)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if self.headers.get("Content-Encoding") == "gzip":
                     body = gzip.decompress(body)
                 if self.path != "/v1/traces":
@@ -183,6 +246,7 @@ class OtlpReceiver:
         return self
 
     def stop(self) -> None:
+        self.fault.release.set()
         self._grpc.stop(grace=None)
         self._http.shutdown()
         self._http.server_close()

@@ -1,0 +1,221 @@
+"""The export channel: a bounded queue and one thread between finished spans and one exporter.
+
+It stands where the SDK's BatchSpanProcessor would, with what a serving process needs on top:
+- ``on_end`` never blocks: a full queue drops the span and counts it, there and then;
+- batches are bounded in bytes as well as in spans, and a span too big for a message is shrunk,
+  so one huge attribute cannot get a whole batch rejected by the collector;
+- ``force_flush`` and ``shutdown`` take a deadline and keep it, whatever the collector does;
+  what is still queued at the deadline is counted as lost.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from typing import Any, Callable, Generic, Sequence, TypeVar
+
+from opentelemetry.sdk.trace import SpanProcessor
+from opentelemetry.sdk.trace.export import SpanExportResult
+
+from . import selflog
+from .limits import shrink, span_size
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_MAX_BATCH_BYTES = 3 * 1024 * 1024  # under the 4 MiB a gRPC server accepts by default
+_URGENT_BATCH_FACTOR = 4  # while flushing or shutting down, fewer and bigger batches
+
+
+class ExportChannel(SpanProcessor, Generic[T]):
+    """Queue `T`s (ReadableSpans, unless `sized` is False) and export them in batches on a thread."""
+
+    def __init__(
+        self,
+        exporter: Any,
+        target: str,
+        *,
+        max_queue_size: int = 8192,
+        schedule_delay_millis: float = 500,
+        max_export_batch_size: int = 64,
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+        sized: bool = True,
+        export: Callable[[Sequence[T]], SpanExportResult] | None = None,
+        **_ignored: Any,  # export_timeout_millis: each exporter's own timeout bounds an export, as in the SDK
+    ) -> None:
+        self.exporter = exporter
+        self.target = target
+        self._export_fn = export or exporter.export
+        self._max_queue = max_queue_size
+        self._delay = schedule_delay_millis / 1000
+        self._batch = max_export_batch_size
+        self._max_bytes = max_batch_bytes
+        self._max_span_bytes = max_batch_bytes // 2
+        self._sized = sized
+        self._queue: collections.deque[T] = collections.deque()
+        lock = threading.Lock()
+        self._wake = threading.Condition(lock)  # the thread waits here for work
+        self._idle = threading.Condition(lock)  # flushers wait here for an empty queue
+        self._flush_wanted = False
+        self._closing = False
+        self._stopped = False
+        self._abandoned = False
+        self._inflight = 0
+        self._down = False
+        # Counters: every span offered ends up in exactly one of them (or is still queued).
+        self.dropped = 0  # queue full
+        self.exported = 0
+        self.failed = 0  # the exporter said no (collector down, refused, ...)
+        self.lost = 0  # still queued or in flight when the shutdown deadline passed
+        self.truncated = 0
+        self._thread = threading.Thread(target=self._run, name=f"fastdeploy-otel-export-{target}"[:60], daemon=True)
+        self._thread.start()
+
+    # ---- the calling side ---------------------------------------------------------------------------
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        pass
+
+    def on_end(self, span: T) -> None:  # type: ignore[override]
+        """Queue one span; never blocks.  Called on the tracing worker thread."""
+        q = self._queue
+        if len(q) >= self._max_queue or self._closing:
+            self.dropped += 1
+            selflog.report("queue-full:" + self.target,
+                           "fastdeploy_otel: export queue for %s is full (%d spans); dropping spans (counted)",
+                           self.target, self._max_queue)
+            return
+        q.append(span)
+        if len(q) == self._batch:
+            with self._wake:
+                self._wake.notify()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        """Export everything queued now; False when the deadline passed first."""
+        deadline = time.monotonic() + timeout_millis / 1000
+        with self._wake:
+            self._flush_wanted = True
+            self._wake.notify()
+            while (self._queue or self._inflight) and not self._abandoned and self._thread.is_alive():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(left)
+        return True
+
+    def shutdown(self, timeout_millis: int = 5000) -> int:
+        """Export what is queued within the deadline, then stop; returns the spans lost at the deadline."""
+        deadline = time.monotonic() + timeout_millis / 1000
+        self.begin_shutdown()
+        return self.finish_shutdown(deadline)
+
+    def begin_shutdown(self) -> None:
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+
+    def finish_shutdown(self, deadline: float) -> int:
+        """Wait for the thread until `deadline`; whatever is left then is counted as lost."""
+        if self._stopped:
+            return 0
+        self._stopped = True
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        lost = 0
+        with self._wake:
+            if self._thread.is_alive():
+                lost = len(self._queue) + self._inflight
+                self._queue.clear()
+                self._abandoned = True
+                self._idle.notify_all()
+        self.lost += lost
+        # Interrupt a retry back-off or a call in flight (the gRPC exporter closes its channel), without
+        # waiting on an exporter that does not return.
+        stopper = threading.Thread(target=self._shutdown_exporter, name="fastdeploy-otel-exporter-shutdown", daemon=True)
+        stopper.start()
+        stopper.join(max(0.05, min(0.5, deadline - time.monotonic())))
+        return lost
+
+    def _shutdown_exporter(self) -> None:
+        try:
+            if self.exporter is not None:
+                self.exporter.shutdown()
+        except Exception:
+            logger.debug("exporter shutdown failed", exc_info=True)
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    # ---- the export thread ----------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                if not (self._closing or self._flush_wanted or len(self._queue) >= self._batch):
+                    self._wake.wait(self._delay)
+                urgent = self._closing or self._flush_wanted
+                self._flush_wanted = False
+                closing = self._closing
+            while not self._abandoned:
+                batch = self._take(urgent)
+                if not batch:
+                    break
+                self._export(batch)
+                if not urgent and len(self._queue) < self._batch:
+                    break
+            with self._wake:
+                self._idle.notify_all()
+                if (closing and not self._queue) or self._abandoned:
+                    return
+
+    def _take(self, urgent: bool) -> list[T]:
+        """The next batch: up to the batch size in spans and the byte limit in size."""
+        q = self._queue
+        count = self._batch * (_URGENT_BATCH_FACTOR if urgent else 1)
+        batch: list[T] = []
+        size = 0
+        while q and len(batch) < count:
+            item = q.popleft()
+            if self._sized:
+                n = span_size(item)  # type: ignore[arg-type]
+                if n > self._max_span_bytes:
+                    item = shrink(item, self._max_span_bytes)  # type: ignore[arg-type,assignment]
+                    n = span_size(item)  # type: ignore[arg-type]
+                    self.truncated += 1
+                    selflog.report("truncated", "fastdeploy_otel: a span of about %d bytes was shrunk to fit an "
+                                   "export message (attribute values cut; marked fastdeploy.truncated)", n)
+                if batch and size + n > self._max_bytes:
+                    q.appendleft(item)  # only this thread takes from the left
+                    break
+                size += n
+            batch.append(item)
+        with self._wake:
+            self._inflight = len(batch)
+        return batch
+
+    def _export(self, batch: list[T]) -> None:
+        try:
+            result = self._export_fn(batch)
+        except Exception:  # an exporter bug must not kill the export thread
+            selflog.report("export-crash:" + self.target, "fastdeploy_otel: exporter for %s raised; spans dropped",
+                           self.target, exc_info=True)
+            result = SpanExportResult.FAILURE
+        with self._wake:
+            self._inflight = 0
+            if self._abandoned:
+                return  # already counted as lost
+            if result is SpanExportResult.SUCCESS:
+                self.exported += len(batch)
+                recovered, self._down = self._down, False
+            else:
+                self.failed += len(batch)
+                recovered, went_down = False, not self._down
+                self._down = True
+        if result is SpanExportResult.SUCCESS:
+            if recovered:
+                logger.warning("OTLP export to %s recovered", self.target)
+        elif went_down:
+            logger.warning("OTLP export to %s is failing; spans are dropped and counted, trace.log keeps every "
+                           "event (serving is not affected)", self.target)
+
