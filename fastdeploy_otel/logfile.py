@@ -96,9 +96,12 @@ class DatedFile:
             except OSError as exc:
                 done = 0
                 if written >= len(prefix):  # count the whole lines that made it; finish a cut one later
-                    part = payload[: written - len(prefix)]
+                    cut = written - len(prefix)
+                    part = payload[:cut]
                     done = part.count(b"\n")
                     self._dangling = bool(part) and not part.endswith(b"\n")
+                    if self._dangling and payload[cut:cut + 1] == b"\n":
+                        done += 1  # only its newline is missing: the line is whole once the next write ends it
                 self.lines_written += done
                 self._failed(exc, lines - done)
                 return done
