@@ -26,8 +26,9 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+THREAD_PREFIX = "fastdeploy-otel-export"
 DEFAULT_MAX_BATCH_BYTES = 3 * 1024 * 1024  # under the 4 MiB a gRPC server accepts by default
-_URGENT_BATCH_FACTOR = 4  # while flushing or shutting down, fewer and bigger batches
+_BACKLOG_BATCH_FACTOR = 4  # with a backlog, fewer and bigger batches
 
 
 class ExportChannel(SpanProcessor, Generic[T]):
@@ -71,7 +72,7 @@ class ExportChannel(SpanProcessor, Generic[T]):
         self.failed = 0  # the exporter said no (collector down, refused, ...)
         self.lost = 0  # still queued or in flight when the shutdown deadline passed
         self.truncated = 0
-        self._thread = threading.Thread(target=self._run, name=f"fastdeploy-otel-export-{target}"[:60], daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"{THREAD_PREFIX}-{target}"[:60], daemon=True)
         self._thread.start()
 
     # ---- the calling side ---------------------------------------------------------------------------
@@ -132,7 +133,7 @@ class ExportChannel(SpanProcessor, Generic[T]):
         self.lost += lost
         # Interrupt a retry back-off or a call in flight (the gRPC exporter closes its channel), without
         # waiting on an exporter that does not return.
-        stopper = threading.Thread(target=self._shutdown_exporter, name="fastdeploy-otel-exporter-shutdown", daemon=True)
+        stopper = threading.Thread(target=self._shutdown_exporter, name=f"{THREAD_PREFIX}-shutdown", daemon=True)
         stopper.start()
         stopper.join(max(0.05, min(0.5, deadline - time.monotonic())))
         return lost
@@ -172,7 +173,12 @@ class ExportChannel(SpanProcessor, Generic[T]):
     def _take(self, urgent: bool) -> list[T]:
         """The next batch: up to the batch size in spans and the byte limit in size."""
         q = self._queue
-        count = self._batch * (_URGENT_BATCH_FACTOR if urgent else 1)
+        if urgent:  # flushing or stopping: as few exports as the byte limit allows (a slow collector
+            count = len(q)  # answers a big batch about as fast as a small one)
+        elif len(q) > 2 * self._batch:
+            count = self._batch * _BACKLOG_BATCH_FACTOR  # behind: catch up in bigger batches
+        else:
+            count = self._batch
         batch: list[T] = []
         size = 0
         while q and len(batch) < count:

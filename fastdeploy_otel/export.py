@@ -34,7 +34,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status,
 
 from . import selflog
 from .assembler import SpanState
-from .channel import ExportChannel
+from .channel import THREAD_PREFIX as _THREAD_PREFIX, ExportChannel
 from .limits import Limits, limit_attributes
 from .config import DEFAULT_SERVICE_NAME, Settings
 
@@ -68,11 +68,25 @@ class _PresetIds(IdGenerator):
 
 
 class _RateLimitFilter(logging.Filter):
-    """The OTLP exporters log every retry: pass their messages on at most once a minute."""
+    """The OTLP exporters log every retry: on our export threads, pass their messages on at most once
+    a minute.  Installed once per process; the application's own exporters are left alone."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        selflog.report("otel-sdk:" + record.name, "OpenTelemetry SDK: %s", record.getMessage(), level=record.levelno)
+        if not record.threadName or not record.threadName.startswith(_THREAD_PREFIX):
+            return True
+        if record.levelno >= logging.WARNING:
+            selflog.report("otel-sdk:" + record.name, "OpenTelemetry SDK: %s", record.getMessage(), level=record.levelno)
         return False
+
+
+_quiet = _RateLimitFilter()
+
+
+def _install_quiet() -> None:
+    for name in _EXPORTER_LOGGERS:
+        logger = logging.getLogger(name)
+        if _quiet not in logger.filters:
+            logger.addFilter(_quiet)
 
 
 def make_exporter(settings: Settings) -> tuple[SpanExporter, str]:
@@ -158,7 +172,6 @@ class OtelSink:
                              settings.event_attribute_count_limit, settings.attribute_length_limit)
         options = {**_BSP_DEFAULTS, **settings.bsp, "max_batch_bytes": settings.max_export_batch_bytes}
         self.channels: list[ExportChannel] = []
-        self._quiet: _RateLimitFilter | None = None
         if self.attached:
             # The application (e.g. `opentelemetry-instrument`) set up OTel: use its provider and pipeline.
             self.provider = current
@@ -170,9 +183,7 @@ class OtelSink:
             if settings.exporter != "none":
                 exporter, target = make_exporter(settings)
                 self.channels.append(ExportChannel(exporter, target, **options))
-            self._quiet = _RateLimitFilter()
-            for name in _EXPORTER_LOGGERS:
-                logging.getLogger(name).addFilter(self._quiet)
+            _install_quiet()
         if settings.json_file:
             from .otlp_json import OtlpJsonLinesExporter
 
@@ -302,9 +313,6 @@ class OtelSink:
             channel.begin_shutdown()  # all at once: a slow collector must not eat the JSON file's time
         for channel in self.channels:
             lost += channel.finish_shutdown(deadline)
-        if self._quiet is not None:
-            for name in _EXPORTER_LOGGERS:
-                logging.getLogger(name).removeFilter(self._quiet)
         return lost
 
     def counters(self) -> dict[str, int]:
