@@ -15,8 +15,8 @@ import time
 from dataclasses import asdict, dataclass
 
 import fastdeploy_otel as fdt
-from fastdeploy_otel.lifecycles import MIXED
-from fastdeploy_otel.receiver import BlackHole, OtlpReceiver, refused_endpoint
+from tests.support.lifecycles import MIXED
+from tests.support.receiver import BlackHole, OtlpReceiver, refused_endpoint
 
 FAULTS = ("refused", "hang", "unavailable", "exhausted", "slow")
 PROTOCOLS = ("grpc", "http/protobuf")

@@ -1,6 +1,6 @@
 """Per-request micro benchmark: FastDeploy's legacy trace.log path vs fastdeploy_otel.
 
-Every variant replays ``fastdeploy_otel.lifecycles.MIXED`` (21 events, with their attributes) for N
+Every variant replays ``tests.support.lifecycles.MIXED`` (21 events, with their attributes) for N
 requests with unique request ids, then ``finish_request``.  Variants, measured in the same process,
 interleaved round by round (order alternating), medians taken:
 
@@ -37,7 +37,7 @@ import uuid
 from typing import Any, Callable, Sequence
 
 import fastdeploy_otel as fdt
-from fastdeploy_otel.lifecycles import MIXED
+from tests.support.lifecycles import MIXED
 from fastdeploy_otel.span_plan import PLAN, REQUEST_SPAN_NAME, Action
 
 from . import legacy

@@ -1,4 +1,4 @@
-"""A real OTLP receiver (``fastdeploy_otel.receiver.OtlpReceiver``) in a child process.
+"""A real OTLP receiver (``tests.support.receiver.OtlpReceiver``) in a child process.
 
 The benchmark measures the CPU time of its own process; decoding the spans on the far end of the
 export must not be counted, so the receiver runs in a spawned child and answers over a pipe.
@@ -11,7 +11,7 @@ from typing import Any
 
 
 def _serve(conn) -> None:  # runs in the child
-    from fastdeploy_otel.receiver import OtlpReceiver
+    from tests.support.receiver import OtlpReceiver
 
     with OtlpReceiver(keep=False) as r:  # count only: a collector's decoding is not serving cost
         conn.send((r.grpc_endpoint, r.http_endpoint))

@@ -19,11 +19,11 @@ from opentelemetry.context import get_current
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter
 
-from . import selflog
-from .assembler import ABORT, ERROR, EVENT, EXTRACT, FINISH, Assembler
+from . import _selflog as selflog
+from ._assembler import ABORT, ERROR, EVENT, EXTRACT, FINISH, Assembler
 from .attributes import text
 from .config import Settings, load_settings
-from .errorlog import ErrorLogFile
+from ._errorlog import ErrorLogFile
 from .events import _LOOKUP, LoggingEventName, parse_event
 from .mirror import TraceLogMirror
 
@@ -59,7 +59,7 @@ class _Runtime:
         self.sink = None
         if settings.otel:
             try:
-                from .export import OtelSink
+                from ._export import OtelSink
 
                 self.sink = OtelSink(settings, extra_exporters)
             except Exception:

@@ -18,9 +18,9 @@ import re
 import time
 from typing import NamedTuple
 
-from . import selflog
+from . import _selflog as selflog
 from .attributes import text as _text
-from .logfile import DatedFile
+from ._logfile import DatedFile
 
 MAX_VALUE_LEN = 256
 

@@ -7,7 +7,7 @@ import pytest
 
 import fastdeploy_otel as fdt
 from fastdeploy_otel.mirror import parse_line
-from fastdeploy_otel.receiver import OtlpReceiver
+from tests.support.receiver import OtlpReceiver
 
 
 @pytest.fixture(scope="session")

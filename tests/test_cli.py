@@ -12,13 +12,13 @@ import httpx
 import pytest
 
 from fastdeploy_otel.mirror import parse_line
-from fastdeploy_otel.otlp_json import read_spans
+from fastdeploy_otel.tools.spans import read_spans
 from fastdeploy_otel.span_plan import REQUEST_SPAN_NAME
 
 pytest.importorskip("paddle")
 from minifd.stack import free_port  # noqa: E402
 
-CLI = [sys.executable, "-m", "fastdeploy_otel.cli"]
+CLI = [sys.executable, "-m", "fastdeploy_otel.tools.cli"]
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
@@ -36,17 +36,17 @@ def test_demo_leaves_the_three_artefacts_and_a_summary(tmp_path):
     lines = [parse_line(l) for l in (out / "trace.log").read_text().splitlines()]
     assert lines and all(l is not None for l in lines)
     spans = read_spans(str(out / "spans.jsonl"))
-    span_ids = {s["span_id"] for s in spans}
+    span_ids = {s.span_id for s in spans}
     assert all(l["span_id"] in span_ids for l in lines)  # every mirror line points at an exported span
     events = {l["event"] for l in lines}
     assert {"CACHE_MISS", "CACHE_HIT", "CACHE_SWAP_IN", "PREEMPTED", "RESCHEDULED_INFERENCE_START"} <= events
-    roots = [s for s in spans if s["name"] == REQUEST_SPAN_NAME]
+    roots = [s for s in spans if s.name == REQUEST_SPAN_NAME]
     assert len(roots) == 16
-    assert sum(1 for s in roots if s["status_code"] == 2) == 3  # bad request, engine error, abandoned stream
-    assert any(s["attributes"].get("fastdeploy.aborted") for s in roots)
+    assert sum(1 for s in roots if s.status_code == 2) == 3  # bad request, engine error, abandoned stream
+    assert any(s.attributes.get("fastdeploy.aborted") for s in roots)
     html = (out / "timeline.html").read_text()
     assert html.count("CACHE_SWAP_IN") >= 1 and "<script>" in html
-    assert not [s for s in spans if s["name"].endswith(("http send", "http receive"))]  # no per-chunk spans
+    assert not [s for s in spans if s.name.endswith(("http send", "http receive"))]  # no per-chunk spans
 
 
 def test_serve_runs_until_sigterm_then_flushes(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import fastdeploy_otel as fdt
 from fastdeploy_otel import attributes as A
 from fastdeploy_otel.events import ALIASES, EVENT_TO_STAGE_MAP, LoggingEventName as E, StageName, UnknownEventError
-from fastdeploy_otel.lifecycles import MIXED, PD_DECODE, PD_PREFILL
+from tests.support.lifecycles import MIXED, PD_DECODE, PD_PREFILL
 from fastdeploy_otel.mirror import LINE_RE
 from fastdeploy_otel.span_plan import PLAN, REQUEST_SPAN_NAME
 

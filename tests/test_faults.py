@@ -15,12 +15,12 @@ import pytest
 
 import fastdeploy_otel as fdt
 from fastdeploy_otel import api
-from fastdeploy_otel.errorlog import CONTINUATION
+from fastdeploy_otel._errorlog import CONTINUATION
 from fastdeploy_otel.events import LoggingEventName as E
-from fastdeploy_otel.lifecycles import MIXED
-from fastdeploy_otel.limits import TRUNCATED
+from tests.support.lifecycles import MIXED
+from fastdeploy_otel._limits import TRUNCATED
 from fastdeploy_otel.mirror import LINE_RE
-from fastdeploy_otel.receiver import BlackHole, OtlpReceiver
+from tests.support.receiver import BlackHole, OtlpReceiver
 
 from bench.faults import FAULTS, collector_run, run_request
 

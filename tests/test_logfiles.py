@@ -13,9 +13,9 @@ import uuid
 import pytest
 
 import fastdeploy_otel as fdt
-from fastdeploy_otel.errorlog import CONTINUATION
+from fastdeploy_otel._errorlog import CONTINUATION
 from fastdeploy_otel.events import LoggingEventName as E
-from fastdeploy_otel.logfile import DatedFile
+from fastdeploy_otel._logfile import DatedFile
 from fastdeploy_otel.mirror import parse_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

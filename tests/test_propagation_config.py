@@ -14,7 +14,7 @@ import fastdeploy_otel as fdt
 from fastdeploy_otel import attributes as A
 from fastdeploy_otel.config import ConfigError, load_settings
 from fastdeploy_otel.events import LoggingEventName as E
-from fastdeploy_otel.lifecycles import MIXED
+from tests.support.lifecycles import MIXED
 from fastdeploy_otel.span_plan import REQUEST_SPAN_NAME
 
 from .conftest import read_mirror
@@ -22,7 +22,7 @@ from .conftest import read_mirror
 
 def _engine(endpoint: str, log_dir: str, carrier: dict, out, rid: str = "xp_0", role: str = "mixed") -> None:
     """Runs in a spawned process: an engine instance's side of one request."""
-    from fastdeploy_otel import lifecycles
+    from tests.support import lifecycles
 
     events = {"mixed": MIXED[1:-1], "prefill": lifecycles.PD_PREFILL[1:], "decode": lifecycles.PD_DECODE[:-1]}[role]
     fdt.configure(mode="all", endpoint=endpoint, log_dir=log_dir, strict=True, env={})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from fastdeploy_otel import cli
+from fastdeploy_otel.tools import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 

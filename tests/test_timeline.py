@@ -23,12 +23,13 @@ from opentelemetry.trace import SpanKind
 
 import fastdeploy_otel as fdt
 from fastdeploy_otel import attributes as A
-from fastdeploy_otel import selflog
+from fastdeploy_otel import _selflog as selflog
 from fastdeploy_otel.events import LoggingEventName as E
-from fastdeploy_otel.lifecycles import MIXED
-from fastdeploy_otel.otlp_json import OtlpJsonLinesExporter, read_spans
+from tests.support.lifecycles import MIXED
+from fastdeploy_otel._otlp_json import OtlpJsonLinesExporter
+from fastdeploy_otel.tools.spans import Span, read_spans
 from fastdeploy_otel.span_plan import REQUEST_SPAN_NAME
-from fastdeploy_otel.timeline import format_summary, group_requests, render_html, summarize, write_html
+from fastdeploy_otel.tools.timeline import format_summary, group_requests, render_html, summarize, write_html
 
 HOSTILE = "<script>alert(1)</script>"
 HTTP_SPAN = "POST /v1/chat/completions"
@@ -103,62 +104,62 @@ def _by_request(spans):
 # ---- OTLP/JSON lines -----------------------------------------------------------------------------
 def test_spans_round_trip_with_names_parents_and_hex_ids(run):
     _, spans, _ = run
-    ours = [s for s in spans if s["name"] != HTTP_SPAN]
+    ours = [s for s in spans if s.name != HTTP_SPAN]
     by_rid: dict[str, list[dict]] = {}
     for s in ours:
-        by_rid.setdefault(s["attributes"][A.REQUEST_ID], []).append(s)
+        by_rid.setdefault(s.attributes[A.REQUEST_ID], []).append(s)
     assert set(by_rid) == set(ALL_IDS)
     for s in spans:
-        assert HEX32.match(s["trace_id"]), s
-        assert HEX16.match(s["span_id"]), s
-        assert s["parent_span_id"] == "" or HEX16.match(s["parent_span_id"]), s
-        assert s["end_ns"] >= s["start_ns"] > 0
-        assert s["resource"].get("service.name")
+        assert HEX32.match(s.trace_id), s
+        assert HEX16.match(s.span_id), s
+        assert s.parent_span_id == "" or HEX16.match(s.parent_span_id), s
+        assert s.end_ns >= s.start_ns > 0
+        assert s.resource.get("service.name")
     for rid in OK_IDS:
-        names = [s["name"] for s in by_rid[rid]]
+        names = [s.name for s in by_rid[rid]]
         assert sorted(names) == sorted(FULL_SPANS), (rid, names)
-        req = next(s for s in by_rid[rid] if s["name"] == REQUEST_SPAN_NAME)
-        stage = {s["name"]: s for s in by_rid[rid]}
+        req = next(s for s in by_rid[rid] if s.name == REQUEST_SPAN_NAME)
+        stage = {s.name: s for s in by_rid[rid]}
         for name in ("PREPROCESSING", "SCHEDULE", "PREFILL", "DECODE", "POSTPROCESSING"):
-            assert stage[name]["parent_span_id"] == req["span_id"]
-            assert stage[name]["trace_id"] == req["trace_id"]
+            assert stage[name].parent_span_id == req.span_id
+            assert stage[name].trace_id == req.trace_id
         for sub, parent in (("REQUEST_QUEUE", "SCHEDULE"), ("PREPARE_PREFIX_CACHE", "SCHEDULE"),
                             ("WRITE_CACHE_TO_STORAGE", "POSTPROCESSING")):
-            assert stage[sub]["parent_span_id"] == stage[parent]["span_id"]
-        assert [e["name"] for e in stage["PREFILL"]["events"]] == ["FIRST_TOKEN_GENERATED"]
-        assert stage["SCHEDULE"]["attributes"][A.STAGE] == "SCHEDULE"
+            assert stage[sub].parent_span_id == stage[parent].span_id
+        assert [e["name"] for e in stage["PREFILL"].events] == ["FIRST_TOKEN_GENERATED"]
+        assert stage["SCHEDULE"].attributes[A.STAGE] == "SCHEDULE"
     # Attributes keep their types through JSON (intValue is a string on the wire).
-    hit = next(e for s in by_rid["req-ok-1"] if s["name"] == "SCHEDULE" for e in s["events"] if e["name"] == "CACHE_HIT")
+    hit = next(e for s in by_rid["req-ok-1"] if s.name == "SCHEDULE" for e in s.events if e["name"] == "CACHE_HIT")
     assert hit["attributes"][A.CACHE_MATCHED_TOKENS] == 16
     assert hit["attributes"][A.CACHE_SOURCE_TIER] == "gpu"
-    req1 = next(s for s in by_rid["req-ok-1"] if s["name"] == REQUEST_SPAN_NAME)
-    assert req1["attributes"][A.GEN_AI_USAGE_INPUT_TOKENS] == 48
-    assert req1["attributes"][A.GEN_AI_RESPONSE_FINISH_REASONS] == ["stop"]
+    req1 = next(s for s in by_rid["req-ok-1"] if s.name == REQUEST_SPAN_NAME)
+    assert req1.attributes[A.GEN_AI_USAGE_INPUT_TOKENS] == 48
+    assert req1.attributes[A.GEN_AI_RESPONSE_FINISH_REASONS] == ["stop"]
     # The HTTP server span is the request span's parent, in the same trace.
-    http = [s for s in spans if s["name"] == HTTP_SPAN]
-    assert len(http) == 1 and http[0]["parent_span_id"] == "" and http[0]["kind"] == 2
-    req_http = next(s for s in by_rid["req-http"] if s["name"] == REQUEST_SPAN_NAME)
-    assert req_http["parent_span_id"] == http[0]["span_id"]
-    assert req_http["trace_id"] == http[0]["trace_id"]
+    http = [s for s in spans if s.name == HTTP_SPAN]
+    assert len(http) == 1 and http[0].parent_span_id == "" and http[0].kind == 2
+    req_http = next(s for s in by_rid["req-http"] if s.name == REQUEST_SPAN_NAME)
+    assert req_http.parent_span_id == http[0].span_id
+    assert req_http.trace_id == http[0].trace_id
     # Distinct traces per request otherwise.
-    roots = [s for s in ours if s["name"] == REQUEST_SPAN_NAME]
-    assert len({s["trace_id"] for s in roots}) == len(ALL_IDS)
+    roots = [s for s in ours if s.name == REQUEST_SPAN_NAME]
+    assert len({s.trace_id for s in roots}) == len(ALL_IDS)
 
 
 def test_error_and_abort_spans(run):
     _, spans, _ = run
-    err = [s for s in spans if s["attributes"].get(A.REQUEST_ID) == ERR_ID]
-    prefill = next(s for s in err if s["name"] == "PREFILL")
-    assert prefill["status_code"] == 2
-    assert ERR_MESSAGE in prefill["status_message"]
-    exc = [e for e in prefill["events"] if e["name"] == "exception"]
+    err = [s for s in spans if s.attributes.get(A.REQUEST_ID) == ERR_ID]
+    prefill = next(s for s in err if s.name == "PREFILL")
+    assert prefill.status_code == 2
+    assert ERR_MESSAGE in prefill.status_message
+    exc = [e for e in prefill.events if e["name"] == "exception"]
     assert exc and exc[0]["attributes"]["exception.message"] == ERR_MESSAGE
-    assert next(s for s in err if s["name"] == REQUEST_SPAN_NAME)["status_code"] == 2
-    ab = [s for s in spans if s["attributes"].get(A.REQUEST_ID) == ABORT_ID]
-    ab_req = next(s for s in ab if s["name"] == REQUEST_SPAN_NAME)
-    assert ab_req["attributes"][A.ABORTED] is True
-    assert ab_req["attributes"][A.ABORT_REASON] == "client disconnected"
-    assert next(s for s in ab if s["name"] == "DECODE")["attributes"][A.ABORTED] is True
+    assert next(s for s in err if s.name == REQUEST_SPAN_NAME).status_code == 2
+    ab = [s for s in spans if s.attributes.get(A.REQUEST_ID) == ABORT_ID]
+    ab_req = next(s for s in ab if s.name == REQUEST_SPAN_NAME)
+    assert ab_req.attributes[A.ABORTED] is True
+    assert ab_req.attributes[A.ABORT_REASON] == "client disconnected"
+    assert next(s for s in ab if s.name == "DECODE").attributes[A.ABORTED] is True
 
 
 def test_lines_are_otlp_json(run):
@@ -229,7 +230,7 @@ def test_exporter_failure_returns_failure_logs_once_and_recovers(tmp_path, caplo
     target.rmdir()
     assert exporter.export(spans) is SpanExportResult.SUCCESS
     assert exporter.exported == 3
-    assert [s["name"] for s in read_spans(target)] == ["s0", "s1", "s2"]
+    assert [s.name for s in read_spans(target)] == ["s0", "s1", "s2"]
     exporter.shutdown()
     assert exporter.export(spans) is SpanExportResult.FAILURE
 
@@ -376,7 +377,7 @@ def test_summarize_matches_the_replay(run):
     assert counts["POSTPROCESSING"] == 4 and counts["WRITE_CACHE_TO_STORAGE"] == 4
     assert list(s["stages"])[:5] == ["PREPROCESSING", "SCHEDULE", "PREFILL", "DECODE", "POSTPROCESSING"]
     for name in ("PREFILL", "SCHEDULE", "DECODE"):
-        ms = [(x["end_ns"] - x["start_ns"]) / 1e6 for x in spans if x["name"] == name]
+        ms = [(x.end_ns - x.start_ns) / 1e6 for x in spans if x.name == name]
         assert s["stages"][name]["p50_ms"] == pytest.approx(statistics.median(ms))
         assert s["stages"][name]["p99_ms"] == pytest.approx(statistics.quantiles(ms, n=100, method="inclusive")[98])
         assert s["stages"][name]["p99_ms"] >= s["stages"][name]["p50_ms"]
@@ -399,7 +400,7 @@ def test_write_html_and_a_partial_file(run, tmp_path):
     assert summary == summarize(spans)
     assert page.count('class="row r') == 6
     # Stage spans without their request span (another process's file) still get a row.
-    orphan = [x for x in spans if x["attributes"].get(A.REQUEST_ID) == "req-ok-1" and x["name"] != REQUEST_SPAN_NAME]
+    orphan = [x for x in spans if x.attributes.get(A.REQUEST_ID) == "req-ok-1" and x.name != REQUEST_SPAN_NAME]
     rows = group_requests(orphan)
     assert len(rows) == 1 and rows[0].request is None and rows[0].request_id == "req-ok-1"
     assert len(rows[0].children) == len(FULL_SPANS) - 1
@@ -407,7 +408,7 @@ def test_write_html_and_a_partial_file(run, tmp_path):
     assert "No fastdeploy.request spans" in render_html([], "empty")
 
 
-def _synthetic(n: int) -> list[dict]:
+def _synthetic(n: int) -> list[Span]:
     """n requests shaped like the replay's, laid out over a few seconds (for size and speed)."""
     spans, t = [], 1_700_000_000_000_000_000
     for i in range(n):
@@ -416,12 +417,11 @@ def _synthetic(n: int) -> list[dict]:
         rid = f"req-{i}"
 
         def span(name, sid, parent, start, end, events=(), status=0, attrs=None):
-            spans.append({
-                "name": name, "trace_id": tid, "span_id": sid, "parent_span_id": parent, "start_ns": start,
-                "end_ns": end, "attributes": {A.REQUEST_ID: rid, **({A.STAGE: name} if name != REQUEST_SPAN_NAME else {}),
-                                              **(attrs or {})},
-                "events": list(events), "status_code": status, "status_message": "x" if status else "", "resource": {},
-            })
+            spans.append(Span(
+                name=name, trace_id=tid, span_id=sid, parent_span_id=parent, start_ns=start, end_ns=end,
+                attributes={A.REQUEST_ID: rid, **({A.STAGE: name} if name != REQUEST_SPAN_NAME else {}), **(attrs or {})},
+                events=list(events), status_code=status, status_message="x" if status else "", resource={},
+            ))
 
         span(REQUEST_SPAN_NAME, rid_span, "", base, base + 90_000_000, status=2 if i % 10 == 0 else 0)
         span("PREPROCESSING", f"{i + 1:08x}00000001", rid_span, base, base + 5_000_000)

@@ -17,11 +17,11 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 
 from . import attributes as A
-from . import selflog
+from . import _selflog as selflog
 from .events import EVENT_TO_STAGE_MAP, LoggingEventName
-from .errorlog import ErrorLog
+from ._errorlog import ErrorLog
 from .mirror import MirrorRecord
-from .propagation import Carried, CarrierError, HandedSpan, decode, encode
+from ._propagation import Carried, CarrierError, HandedSpan, decode, encode
 from .span_plan import CROSS_PROCESS_STAGES, PLAN, REQUEST_SPAN_NAME, STAGE_ORDER, Action
 
 # Queued record kinds: the first element of every tuple the calling threads enqueue.

@@ -1,4 +1,4 @@
-"""A small real OTLP trace receiver (gRPC and HTTP/protobuf) on 127.0.0.1 that keeps spans in memory.
+"""Test support: a small real OTLP trace receiver (gRPC and HTTP/protobuf) on 127.0.0.1 that keeps spans in memory.
 
 Used by the tests and the bench as the far end of a real export: the spans arrive over the wire,
 encoded by the SDK's own OTLP exporters, and are decoded back from protobuf here.
@@ -10,102 +10,42 @@ import gzip
 import threading
 import time
 from concurrent import futures
-from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+
+from fastdeploy_otel.tools.spans import Span, count_spans, decode_request
 
 
-def _value(v: AnyValue) -> Any:
-    kind = v.WhichOneof("value")
-    if kind == "array_value":
-        return [_value(x) for x in v.array_value.values]
-    if kind == "kvlist_value":
-        return {kv.key: _value(kv.value) for kv in v.kvlist_value.values}
-    return getattr(v, kind) if kind else None
-
-
-def _attrs(kvs) -> dict[str, Any]:
-    return {kv.key: _value(kv.value) for kv in kvs}
-
-
-@dataclass
-class ReceivedSpan:
-    name: str
-    trace_id: str  # 32 hex
-    span_id: str  # 16 hex
-    parent_span_id: str  # "" for a root
-    start_ns: int
-    end_ns: int
-    attributes: dict[str, Any]
-    events: list[dict[str, Any]]
-    status_code: int  # 0 unset, 1 ok, 2 error
-    status_message: str
-    resource: dict[str, Any] = field(default_factory=dict)
-    kind: int = 0
-
-    @property
-    def is_error(self) -> bool:
-        return self.status_code == 2
 
 
 class SpanStore:
-    """Received spans, decoded into ReceivedSpan objects; with keep=False only counted (a cheap sink
+    """Received spans, decoded into Span objects (fastdeploy_otel.tools.spans); with keep=False only counted (a cheap sink
     for load tests: the protobuf is still parsed, no Python object is built per span)."""
 
     def __init__(self, keep: bool = True) -> None:
-        self._spans: list[ReceivedSpan] = []
+        self._spans: list[Span] = []
         self._cond = threading.Condition()
         self.keep = keep
         self.requests = 0
         self.count = 0
 
     def add(self, req: trace_service_pb2.ExportTraceServiceRequest) -> None:
-        if not self.keep:
-            n = sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans)
-            with self._cond:
-                self.requests += 1
-                self.count += n
-                self._cond.notify_all()
-            return
-        spans = []
-        for rs in req.resource_spans:
-            resource = _attrs(rs.resource.attributes)
-            for ss in rs.scope_spans:
-                for s in ss.spans:
-                    spans.append(
-                        ReceivedSpan(
-                            name=s.name,
-                            trace_id=s.trace_id.hex(),
-                            span_id=s.span_id.hex(),
-                            parent_span_id=s.parent_span_id.hex(),
-                            start_ns=s.start_time_unix_nano,
-                            end_ns=s.end_time_unix_nano,
-                            attributes=_attrs(s.attributes),
-                            events=[
-                                {"name": e.name, "time_ns": e.time_unix_nano, "attributes": _attrs(e.attributes)}
-                                for e in s.events
-                            ],
-                            status_code=s.status.code,
-                            status_message=s.status.message,
-                            resource=resource,
-                            kind=s.kind,
-                        )
-                    )
+        spans = decode_request(req) if self.keep else []
+        n = len(spans) if self.keep else count_spans(req)
         with self._cond:
             self.requests += 1
-            self.count += len(spans)
+            self.count += n
             self._spans.extend(spans)
             self._cond.notify_all()
 
-    def spans(self) -> list[ReceivedSpan]:
+    def spans(self) -> list[Span]:
         with self._cond:
             return list(self._spans)
 
-    def wait_for(self, predicate, timeout: float = 10.0) -> list[ReceivedSpan]:
+    def wait_for(self, predicate, timeout: float = 10.0) -> list[Span]:
         """Wait until predicate(spans) is true; returns the spans (raises TimeoutError otherwise)."""
         deadline = time.monotonic() + timeout
         with self._cond:

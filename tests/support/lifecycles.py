@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .events import LoggingEventName as E
+from fastdeploy_otel.events import LoggingEventName as E
 
 Lifecycle = list[tuple[E, dict[str, Any]]]
 

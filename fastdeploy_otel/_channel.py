@@ -19,8 +19,8 @@ from typing import Any, Callable, Generic, Sequence, TypeVar
 from opentelemetry.sdk.trace import SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExportResult
 
-from . import selflog
-from .limits import shrink, span_size
+from . import _selflog as selflog
+from ._limits import shrink, span_size
 
 logger = logging.getLogger(__name__)
 

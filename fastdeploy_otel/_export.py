@@ -32,10 +32,10 @@ from opentelemetry.sdk.trace.sampling import (
 )
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
-from . import selflog
-from .assembler import SpanState
-from .channel import THREAD_PREFIX as _THREAD_PREFIX, ExportChannel
-from .limits import Limits, limit_attributes
+from . import _selflog as selflog
+from ._assembler import SpanState
+from ._channel import THREAD_PREFIX as _THREAD_PREFIX, ExportChannel
+from ._limits import Limits, limit_attributes
 from .config import DEFAULT_SERVICE_NAME, Settings
 
 SCOPE = "fastdeploy_otel"
@@ -185,7 +185,7 @@ class OtelSink:
                 self.channels.append(ExportChannel(exporter, target, **options))
             _install_quiet()
         if settings.json_file:
-            from .otlp_json import OtlpJsonLinesExporter
+            from ._otlp_json import OtlpJsonLinesExporter
 
             extra_exporters = [*extra_exporters, OtlpJsonLinesExporter(settings.json_file)]
         self.channels.extend(ExportChannel(x, type(x).__name__, **options) for x in extra_exporters)

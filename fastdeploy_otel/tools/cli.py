@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 
-from .config import ConfigError, load_settings
+from ..config import ConfigError, load_settings
 
 
 def _check_env() -> None:
@@ -30,7 +30,7 @@ def _check_env() -> None:
 
 def _merge_mirrors(log_dir: str, out_path: str) -> int:
     """One trace.log for the demo: each process's lines, merged in timestamp order."""
-    from .mirror import parse_line
+    from ..mirror import parse_line
 
     lines: list[tuple[int, int, str]] = []
     for n, role in enumerate(sorted(os.listdir(log_dir))):
@@ -59,7 +59,7 @@ def demo(args: argparse.Namespace) -> int:
     from minifd import workload
     from minifd.stack import Stack
 
-    from .otlp_json import read_spans
+    from .spans import read_spans
     from .timeline import format_summary, render_html, summarize
 
     out = os.path.abspath(args.out)

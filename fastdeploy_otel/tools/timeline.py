@@ -1,10 +1,10 @@
 """A request timeline as one self-contained HTML file, and summary numbers, from exported spans.
 
-    spans = read_spans("spans.jsonl")             # fastdeploy_otel.otlp_json (ours or the Collector's)
+    spans = read_spans("spans.jsonl")             # fastdeploy_otel.tools.spans (ours or the Collector's)
     open("timeline.html", "w").write(render_html(spans, "bench run 3"))
     print(format_summary(summarize(spans)))
 
-    python -m fastdeploy_otel.timeline spans.jsonl timeline.html
+    python -m fastdeploy_otel.tools.timeline spans.jsonl timeline.html
 
 One row per request (a ``fastdeploy.request`` span): its stage spans as coloured bars on a shared
 time axis, sub-stages as thinner bars below them, span events as markers, errors outlined in red,
@@ -15,20 +15,19 @@ Every string taken from the spans is escaped: request ids and attribute values c
 from __future__ import annotations
 
 import html
+from importlib import resources
 import math
 import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from . import attributes as A
-from .span_plan import PLAN, REQUEST_SPAN_NAME, STAGE_ORDER
+from .. import attributes as A
+from .spans import STATUS_ERROR, Span, read_spans
+from ..span_plan import PLAN, REQUEST_SPAN_NAME, STAGE_ORDER
 
 __all__ = ["format_summary", "render_html", "summarize", "write_html"]
 
-Span = dict[str, Any]
-
-STATUS_ERROR = 2
 CACHE_EVENTS = ("CACHE_HIT", "CACHE_MISS", "CACHE_SWAP_IN")
 CACHE_HITS = ("CACHE_HIT", "CACHE_SWAP_IN")
 
@@ -100,7 +99,7 @@ class Row:
     @property
     def request_id(self) -> str:
         for s in self.spans:
-            rid = s.get("attributes", {}).get(A.REQUEST_ID)
+            rid = s.attributes.get(A.REQUEST_ID)
             if rid is not None:
                 return str(rid)
         return f"(no request id) {self.key}"
@@ -108,60 +107,60 @@ class Row:
     @property
     def start_ns(self) -> int:
         if self.request is not None:
-            return self.request["start_ns"]
-        return min(s["start_ns"] for s in self.children)
+            return self.request.start_ns
+        return min(s.start_ns for s in self.children)
 
     @property
     def end_ns(self) -> int:
-        ends = [s["end_ns"] for s in self.spans]
+        ends = [s.end_ns for s in self.spans]
         return max(ends) if ends else self.start_ns
 
     @property
     def first_ns(self) -> int:
         """The earliest thing drawn in the row (the HTTP span starts before the request span)."""
-        starts = [s["start_ns"] for s in self.spans]
+        starts = [s.start_ns for s in self.spans]
         if self.server is not None:
-            starts.append(self.server["start_ns"])
+            starts.append(self.server.start_ns)
         return min(starts)
 
     @property
     def last_ns(self) -> int:
-        ends = [s["end_ns"] for s in self.spans]
+        ends = [s.end_ns for s in self.spans]
         if self.server is not None:
-            ends.append(self.server["end_ns"])
+            ends.append(self.server.end_ns)
         return max(ends)
 
     @property
     def is_error(self) -> bool:
-        return any(s.get("status_code") == STATUS_ERROR for s in self.spans)
+        return any(s.status_code == STATUS_ERROR for s in self.spans)
 
     @property
     def is_aborted(self) -> bool:
-        return any(s.get("attributes", {}).get(A.ABORTED) is True for s in self.spans)
+        return any(s.attributes.get(A.ABORTED) is True for s in self.spans)
 
     @property
     def errors(self) -> list[str]:
         """Status messages and exception messages, request span first, without repeats."""
         out: list[str] = []
         for s in self.spans:
-            msgs = [s.get("status_message", "")] if s.get("status_code") == STATUS_ERROR else []
-            for e in s.get("events", ()):
+            msgs = [s.status_message] if s.status_code == STATUS_ERROR else []
+            for e in s.events:
                 if e.get("name") == "exception":
                     ea = e.get("attributes", {})
                     msgs.append(f"{ea.get('exception.type', '')}: {ea.get('exception.message', '')}".strip(": "))
             for m in msgs:
-                m = f"{s['name']}: {m}" if m else f"{s['name']}: error"
+                m = f"{s.name}: {m}" if m else f"{s.name}: error"
                 if m not in out:
                     out.append(m)
         return out
 
     def events(self, name: str | tuple[str, ...]) -> list[tuple[Span, dict[str, Any]]]:
         names = (name,) if isinstance(name, str) else name
-        return [(s, e) for s in self.spans for e in s.get("events", ()) if e.get("name") in names]
+        return [(s, e) for s in self.spans for e in s.events if e.get("name") in names]
 
 
 def _is_ours(span: Span) -> bool:
-    return span["name"] == REQUEST_SPAN_NAME or A.STAGE in span.get("attributes", {})
+    return span.name == REQUEST_SPAN_NAME or A.STAGE in span.attributes
 
 
 def group_requests(spans: Iterable[Span]) -> list[Row]:
@@ -170,40 +169,40 @@ def group_requests(spans: Iterable[Span]) -> list[Row]:
     Stage spans whose request span is not among `spans` (e.g. a PD decode instance's file, where the
     request span was made by another process) are grouped under the missing parent as a row of their own.
     """
-    spans = [s for s in spans if s.get("span_id")]
-    by_id: dict[tuple[str, str], Span] = {(s["trace_id"], s["span_id"]): s for s in spans}
+    spans = [s for s in spans if s.span_id]
+    by_id: dict[tuple[str, str], Span] = {(s.trace_id, s.span_id): s for s in spans}
     rows: dict[tuple[str, str], Row] = {}
     for s in spans:
-        if s["name"] == REQUEST_SPAN_NAME:
-            key = (s["trace_id"], s["span_id"])
-            row = rows.setdefault(key, Row(s["span_id"], s["trace_id"]))
+        if s.name == REQUEST_SPAN_NAME:
+            key = (s.trace_id, s.span_id)
+            row = rows.setdefault(key, Row(s.span_id, s.trace_id))
             row.request = s
-            parent = by_id.get((s["trace_id"], s.get("parent_span_id", "")))
+            parent = by_id.get((s.trace_id, s.parent_span_id))
             if parent is not None and not _is_ours(parent):
                 row.server = parent
     for s in spans:
-        if s["name"] == REQUEST_SPAN_NAME or not _is_ours(s):
+        if s.name == REQUEST_SPAN_NAME or not _is_ours(s):
             continue
         cur, seen = s, set()
         while True:
-            pid = cur.get("parent_span_id", "")
-            parent = by_id.get((s["trace_id"], pid)) if pid else None
-            if parent is None or parent["name"] == REQUEST_SPAN_NAME or not _is_ours(parent) or pid in seen:
+            pid = cur.parent_span_id
+            parent = by_id.get((s.trace_id, pid)) if pid else None
+            if parent is None or parent.name == REQUEST_SPAN_NAME or not _is_ours(parent) or pid in seen:
                 break
             seen.add(pid)
             cur = parent
-        root = pid or cur["span_id"]
-        key = (s["trace_id"], root)
-        rows.setdefault(key, Row(root, s["trace_id"])).children.append(s)
+        root = pid or cur.span_id
+        key = (s.trace_id, root)
+        rows.setdefault(key, Row(root, s.trace_id)).children.append(s)
     out = [r for r in rows.values() if r.spans]
     for r in out:
-        r.children.sort(key=lambda c: (c["start_ns"], c["end_ns"]))
+        r.children.sort(key=lambda c: (c.start_ns, c.end_ns))
     out.sort(key=lambda r: (r.start_ns, r.request_id))
     return out
 
 
 def _is_stage(span: Span) -> bool:
-    return span["name"] in STAGE_ORDER or span["name"] == span.get("attributes", {}).get(A.STAGE)
+    return span.name in STAGE_ORDER or span.name == span.attributes.get(A.STAGE)
 
 
 # ---- summary -------------------------------------------------------------------------------------
@@ -245,12 +244,12 @@ def summarize(spans: Iterable[Span]) -> dict[str, Any]:
     durations: dict[str, list[float]] = {}
     for r in rows:
         for s in r.children:
-            durations.setdefault(s["name"], []).append((s["end_ns"] - s["start_ns"]) / 1e6)
+            durations.setdefault(s.name, []).append((s.end_ns - s.start_ns) / 1e6)
     ttft = []
     for r in rows:
         firsts = [e["time_ns"] for _, e in r.events("FIRST_TOKEN_GENERATED")]
         if firsts and r.request is not None:
-            ttft.append((min(firsts) - r.request["start_ns"]) / 1e6)
+            ttft.append((min(firsts) - r.request.start_ns) / 1e6)
     cache_rows = [r for r in rows if r.events(CACHE_EVENTS)]
     hit_rows = [r for r in cache_rows if r.events(CACHE_HITS)]
     return {
@@ -329,15 +328,15 @@ def _pack(items: list[Span]) -> list[int]:
     """Lane per span so that spans in one lane do not overlap (greedy, by start)."""
     ends: list[int] = []
     lanes = [0] * len(items)
-    for i in sorted(range(len(items)), key=lambda i: (items[i]["start_ns"], -items[i]["end_ns"])):
+    for i in sorted(range(len(items)), key=lambda i: (items[i].start_ns, -items[i].end_ns)):
         s = items[i]
         for lane, end in enumerate(ends):
-            if end <= s["start_ns"]:
-                ends[lane] = s["end_ns"]
+            if end <= s.start_ns:
+                ends[lane] = s.end_ns
                 lanes[i] = lane
                 break
         else:
-            ends.append(s["end_ns"])
+            ends.append(s.end_ns)
             lanes[i] = len(ends) - 1
     return lanes
 
@@ -374,117 +373,22 @@ def _pos(a_ms: float, r_ms: float, w_ms: float | None, total_ms: float) -> str:
 
 
 def _span_title(s: Span, row_origin: int, skip: tuple[str, ...]) -> str:
-    ms = (s["end_ns"] - s["start_ns"]) / 1e6
-    lines = [f"{s['name']}  {_dur(ms)}", f"starts at +{_dur((s['start_ns'] - row_origin) / 1e6)}"]
-    if s.get("status_code") == STATUS_ERROR:
-        lines.append(f"ERROR: {s.get('status_message') or '(no message)'}")
-    for e in s.get("events", ()):
+    ms = (s.end_ns - s.start_ns) / 1e6
+    lines = [f"{s.name}  {_dur(ms)}", f"starts at +{_dur((s.start_ns - row_origin) / 1e6)}"]
+    if s.status_code == STATUS_ERROR:
+        lines.append(f"ERROR: {s.status_message or '(no message)'}")
+    for e in s.events:
         if e.get("name") == "exception":
             ea = e.get("attributes", {})
             lines.append(f"exception {ea.get('exception.type', '')}: {_value(ea.get('exception.message', ''))}")
-    lines += _attr_lines(s.get("attributes", {}), skip)
+    lines += _attr_lines(s.attributes, skip)
     return "\n".join(lines)
 
 
-_CSS = """
-*{box-sizing:border-box}
-body{font:13px/1.35 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#0f172a;background:#fff}
-header{padding:10px 14px 6px;border-bottom:1px solid #e2e8f0}
-h1{font-size:17px;margin:0 0 4px}
-.meta{color:#475569}
-pre.sum{font:12px/1.3 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;background:#f8fafc;border:1px solid #e2e8f0;
- padding:6px 8px;margin:6px 0;max-height:220px;overflow:auto}
-details>summary{cursor:pointer;color:#334155}
-.legend{display:flex;flex-wrap:wrap;gap:4px 14px;margin:6px 0;align-items:center}
-.legend .it{display:inline-flex;align-items:center;gap:5px;white-space:nowrap}
-.sw{display:inline-block;width:18px;height:10px;border:1px solid #94a3b8;border-radius:2px}
-.sw.sub{height:5px}
-.controls{display:flex;flex-wrap:wrap;gap:6px 16px;align-items:center;margin:4px 0 2px}
-.controls input[type=search]{width:220px}
-.tl{overflow:auto;max-height:calc(100vh - 40px);position:relative}
-.row{display:flex;width:max-content;min-width:100%;border-bottom:1px solid #f1f5f9}
-.row:hover{background:#f8fafc}
-.row.hide{display:none}
-.lab{flex:none;width:LABEL_Wpx;position:sticky;left:0;z-index:3;background:inherit;background-color:#fff;
- padding:2px 6px;border-right:1px solid #e2e8f0;display:flex;gap:5px;align-items:center;overflow:hidden}
-.row:hover .lab{background-color:#f8fafc}
-.rid{overflow:hidden;text-overflow:ellipsis;white-space:nowrap;font-family:ui-monospace,Menlo,Consolas,monospace;
- font-size:12px;flex:1 1 auto;min-width:0}
-.rdur{color:#64748b;font-size:11px;flex:none}
-.badge{flex:none;font-size:10px;font-weight:600;padding:0 4px;border-radius:3px;border:1px solid}
-.badge.ok{color:#15803d;border-color:#86efac;background:#f0fdf4}
-.badge.error{color:#fff;border-color:#dc2626;background:#dc2626}
-.badge.aborted{color:#9a3412;border-color:#fb923c;background:#fff7ed}
-.trk{flex:none;position:relative;width:calc((100vw - TRACK_PADpx) * var(--z,1))}
-.axis{position:sticky;top:0;z-index:5;background:#fff;border-bottom:1px solid #cbd5e1;height:22px}
-.axis .lab{font-weight:600;font-size:11px;color:#475569}
-.tick{position:absolute;top:0;bottom:0;border-left:1px solid #cbd5e1}
-.tick span{position:absolute;left:3px;top:4px;font-size:10px;color:#475569;white-space:nowrap}
-.req{position:absolute;background:#f1f5f9;border:1px solid #cbd5e1;border-radius:2px;min-width:1px}
-.req.err{outline:2px solid #dc2626}
-.row.aborted .req{background:repeating-linear-gradient(135deg,#ffedd5 0 4px,#fff 4px 8px);border-color:#fb923c}
-.srv{position:absolute;height:3px;top:1px;background:#475569;border-radius:1px;min-width:1px;opacity:.65}
-.b{position:absolute;min-width:1px;border-radius:2px;overflow:hidden;white-space:nowrap;font-size:9px;line-height:13px;
- color:#1e293b;padding-left:2px;border:1px solid rgba(15,23,42,.25)}
-.b.sub{font-size:0;border:none}
-.b.err{outline:2px solid #dc2626;outline-offset:0;z-index:1}
-.b.abt{outline:2px dashed #c2410c;outline-offset:0;z-index:1}
-.b.imp{border-style:dashed}
-.m{position:absolute;transform:translateX(-50%);font-size:12px;line-height:12px;z-index:2;cursor:default;
- text-shadow:0 0 2px #fff,0 0 2px #fff}
-.row.err .lab{box-shadow:inset 3px 0 0 #dc2626}
-.row.aborted .lab{box-shadow:inset 3px 0 0 #fb923c}
-.empty{padding:20px;color:#64748b}
-"""
+def _asset(name: str) -> str:
+    """The page's stylesheet and script, shipped as package data beside this module."""
+    return resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
 
-_JS = r"""
-(function(){
-  var mode='a';
-  var tl=document.getElementById('tl');
-  var rows=[].slice.call(tl.querySelectorAll('.row.r'));
-  var totalA=parseFloat(tl.dataset.totalA)||1, totalR=parseFloat(tl.dataset.totalR)||1;
-  function fmt(ms){ if(ms===0) return '0'; if(ms>=1000) return (ms/1000).toFixed(3)+' s';
-    if(ms>=1) return ms.toFixed(2)+' ms'; return (ms*1000).toFixed(1)+' \u00b5s'; }
-  function step(total){ var raw=total/8, mag=Math.pow(10,Math.floor(Math.log10(raw)));
-    var ms=[1,2,5,10]; for(var i=0;i<ms.length;i++){ if(raw<=ms[i]*mag) return ms[i]*mag; } return 10*mag; }
-  function ticks(){
-    var total=mode==='a'?totalA:totalR, ax=document.getElementById('axis-trk'); ax.textContent='';
-    var st=step(total);
-    for(var n=0;n<100;n++){ var t=n*st; if(t>total+1e-9) break;
-      var d=document.createElement('div'); d.className='tick'; d.style.left=(t/total*100)+'%';
-      var s=document.createElement('span'); s.textContent=fmt(t); d.appendChild(s); ax.appendChild(d); }
-  }
-  function layout(){
-    var total=mode==='a'?totalA:totalR, key=mode==='a'?'a':'r';
-    var els=tl.querySelectorAll('[data-a]');
-    for(var i=0;i<els.length;i++){ var el=els[i], x=parseFloat(el.dataset[key]);
-      el.style.left=(x/total*100)+'%';
-      if(el.dataset.w!==undefined) el.style.width=(parseFloat(el.dataset.w)/total*100)+'%'; }
-    ticks();
-  }
-  function filter(){
-    var q=document.getElementById('q').value.toLowerCase(), prob=document.getElementById('prob').checked, shown=0;
-    rows.forEach(function(r){ var ok=(!q||r.dataset.rid.toLowerCase().indexOf(q)>=0)&&(!prob||r.dataset.st!=='ok');
-      r.classList.toggle('hide',!ok); if(ok) shown++; });
-    document.getElementById('shown').textContent=shown+' of '+rows.length+' requests shown';
-  }
-  function sort(){
-    var by=document.getElementById('sort').value;
-    var cmp={start:function(a,b){return a.dataset.s-b.dataset.s;},
-      dur:function(a,b){return b.dataset.d-a.dataset.d;},
-      id:function(a,b){return a.dataset.rid<b.dataset.rid?-1:a.dataset.rid>b.dataset.rid?1:0;},
-      status:function(a,b){var o={error:0,aborted:1,ok:2};return (o[a.dataset.st]-o[b.dataset.st])||(a.dataset.s-b.dataset.s);}}[by];
-    rows.sort(cmp); rows.forEach(function(r){ tl.appendChild(r); });
-  }
-  document.getElementById('align').addEventListener('change',function(e){ mode=e.target.checked?'r':'a'; layout(); });
-  document.getElementById('zoom').addEventListener('input',function(e){
-    tl.style.setProperty('--z',e.target.value); document.getElementById('zv').textContent=e.target.value+'\u00d7'; });
-  document.getElementById('q').addEventListener('input',filter);
-  document.getElementById('prob').addEventListener('change',filter);
-  document.getElementById('sort').addEventListener('change',sort);
-  filter(); ticks();
-})();
-"""
 
 
 def _legend() -> str:
@@ -523,7 +427,7 @@ def _row_html(row: Row, t0: int, total_ms: float) -> tuple[str, float]:
     if row.server is not None:
         srv = row.server
         title = _span_title(srv, origin, ())
-        parts.append(f'<div class="srv" {pos(srv["start_ns"], srv["end_ns"])}" title="{_e(title)}"></div>')
+        parts.append(f'<div class="srv" {pos(srv.start_ns, srv.end_ns)}" title="{_e(title)}"></div>')
         top = 5
     stages = [s for s in row.children if _is_stage(s)]
     subs = [s for s in row.children if not _is_stage(s)]
@@ -540,47 +444,47 @@ def _row_html(row: Row, t0: int, total_ms: float) -> tuple[str, float]:
     if row.request is not None:
         rq = row.request
         title = _span_title(rq, origin, skip)
-        cls = "req err" if rq.get("status_code") == STATUS_ERROR and not row.is_aborted else "req"
+        cls = "req err" if rq.status_code == STATUS_ERROR and not row.is_aborted else "req"
         parts.append(
-            f'<div class="{cls}" {pos(rq["start_ns"], rq["end_ns"])};top:{top}px;height:{height - top - 1}px" '
+            f'<div class="{cls}" {pos(rq.start_ns, rq.end_ns)};top:{top}px;height:{height - top - 1}px" '
             f'title="{_e(title)}"></div>'
         )
     lane_of: dict[str, int] = {}
     for s, lane in zip(stages, stage_lanes):
-        lane_of[s["span_id"]] = lane
-        attrs = s.get("attributes", {})
+        lane_of[s.span_id] = lane
+        attrs = s.attributes
         cls = ["b"]
-        if s.get("status_code") == STATUS_ERROR:
+        if s.status_code == STATUS_ERROR:
             cls.append("abt" if attrs.get(A.ABORTED) is True else "err")
         if attrs.get(A.IMPLICIT_START):
             cls.append("imp")
-        color = _color(s["name"], STAGE_COLORS)
+        color = _color(s.name, STAGE_COLORS)
         parts.append(
-            f'<div class="{" ".join(cls)}" {pos(s["start_ns"], s["end_ns"])};top:{stage_top + lane * lane_h}px;'
-            f'height:{lane_h - 1}px;background:{color}" title="{_e(_span_title(s, origin, skip))}">{_e(s["name"])}</div>'
+            f'<div class="{" ".join(cls)}" {pos(s.start_ns, s.end_ns)};top:{stage_top + lane * lane_h}px;'
+            f'height:{lane_h - 1}px;background:{color}" title="{_e(_span_title(s, origin, skip))}">{_e(s.name)}</div>'
         )
     for s, lane in zip(subs, sub_lanes):
-        attrs = s.get("attributes", {})
+        attrs = s.attributes
         cls = ["b", "sub"]
-        if s.get("status_code") == STATUS_ERROR:
+        if s.status_code == STATUS_ERROR:
             cls.append("abt" if attrs.get(A.ABORTED) is True else "err")
-        color = _color(s["name"], SUBSTAGE_COLORS)
+        color = _color(s.name, SUBSTAGE_COLORS)
         parts.append(
-            f'<div class="{" ".join(cls)}" {pos(s["start_ns"], s["end_ns"])};top:{sub_top + lane * (sub_h + 1)}px;'
+            f'<div class="{" ".join(cls)}" {pos(s.start_ns, s.end_ns)};top:{sub_top + lane * (sub_h + 1)}px;'
             f'height:{sub_h}px;background:{color}" title="{_e(_span_title(s, origin, skip))}"></div>'
         )
     # Markers: on the stage lane of the span they belong to; the request span's on the first lane.
-    stage_of_id = {s["span_id"]: s for s in stages}
+    stage_of_id = {s.span_id: s for s in stages}
     for s in row.spans:
-        lane = lane_of.get(s["span_id"])
+        lane = lane_of.get(s.span_id)
         if lane is None:
-            parent = stage_of_id.get(s.get("parent_span_id", ""))
-            lane = lane_of.get(parent["span_id"], 0) if parent is not None else 0
-        for e in s.get("events", ()):
+            parent = stage_of_id.get(s.parent_span_id)
+            lane = lane_of.get(parent.span_id, 0) if parent is not None else 0
+        for e in s.events:
             name = e.get("name", "")
             glyph, color, text = MARKERS.get(name, _OTHER_MARKER)
-            ts = e.get("time_ns", s["start_ns"])
-            lines = [f"{name} @ +{_dur((ts - origin) / 1e6)}  (on {s['name']})"]
+            ts = e.get("time_ns", s.start_ns)
+            lines = [f"{name} @ +{_dur((ts - origin) / 1e6)}  (on {s.name})"]
             lines += _attr_lines(e.get("attributes", {}))
             # Cache decisions sit a little higher than the other markers, so they stay apart.
             y = stage_top + lane * lane_h + (-2 if name in CACHE_EVENTS else 2)
@@ -603,7 +507,7 @@ def _row_html(row: Row, t0: int, total_ms: float) -> tuple[str, float]:
     if row.request is None:
         label_title.append("(its request span is not in this file; grouped under parent span " + row.key + ")")
     if row.server is not None:
-        label_title.append(f"HTTP: {row.server['name']}")
+        label_title.append(f"HTTP: {row.server.name}")
     label_title += [f"! {m}" for m in row.errors]
     cls = "row r" + (" err" if status == "error" else "") + (" aborted" if status == "aborted" else "")
     html_row = (
@@ -617,7 +521,7 @@ def _row_html(row: Row, t0: int, total_ms: float) -> tuple[str, float]:
 
 
 def render_html(spans: list[Span], title: str, max_rows: int = 5000) -> str:
-    """The timeline page (a complete, self-contained HTML document) for `spans` (read_spans() dicts)."""
+    """The timeline page (a complete, self-contained HTML document) for `spans` (read_spans())."""
     rows = group_requests(spans)
     total_rows = len(rows)
     rows = rows[:max_rows]
@@ -635,7 +539,7 @@ def render_html(spans: list[Span], title: str, max_rows: int = 5000) -> str:
         rel.append(span_ms)
     total_r = max(max(rel, default=0.0), 1e-6)
     shown = f"{len(rows)} of {total_rows} requests (limit {max_rows})" if total_rows > len(rows) else f"{len(rows)} requests"
-    css = _CSS.replace("LABEL_W", str(LABEL_W)).replace("TRACK_PAD", str(LABEL_W + 40))
+    css = _asset("timeline.css").replace("LABEL_W", str(LABEL_W)).replace("TRACK_PAD", str(LABEL_W + 40))
     meta = f"{shown} \u00b7 {len(spans)} spans \u00b7 time span {_dur(total_a)}"
     if not rows:
         body = '<div class="empty">No fastdeploy.request spans in this file.</div>'
@@ -659,13 +563,12 @@ def render_html(spans: list[Span], title: str, max_rows: int = 5000) -> str:
         f'<div class="tl" id="tl" data-total-a="{total_a:.4f}" data-total-r="{total_r:.4f}">'
         f'<div class="row axis"><div class="lab">request \u00b7 status \u00b7 duration</div>'
         f'<div class="trk" id="axis-trk">{_ticks(total_a)}</div></div>'
-        f"{body}</div><script>{_JS}</script></body></html>\n"
+        f"{body}</div><script>{_asset('timeline.js')}</script></body></html>\n"
     )
 
 
 def write_html(spans_path: str | os.PathLike[str], html_path: str | os.PathLike[str], title: str | None = None) -> dict[str, Any]:
     """Read an OTLP/JSON lines file, write its timeline page; returns summarize() of its spans."""
-    from .otlp_json import read_spans
 
     spans = read_spans(spans_path)
     page = render_html(spans, title or f"FastDeploy request timeline \u2014 {os.path.basename(os.fspath(spans_path))}")
@@ -679,7 +582,7 @@ def write_html(spans_path: str | os.PathLike[str], html_path: str | os.PathLike[
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) not in (2, 3):
-        print("usage: python -m fastdeploy_otel.timeline SPANS.jsonl OUT.html [TITLE]", file=sys.stderr)
+        print("usage: python -m fastdeploy_otel.tools.timeline SPANS.jsonl OUT.html [TITLE]", file=sys.stderr)
         return 2
     summary = write_html(args[0], args[1], args[2] if len(args) == 3 else None)
     print(format_summary(summary))

@@ -18,7 +18,7 @@ import traceback
 from dataclasses import dataclass
 
 from .attributes import text
-from .logfile import DatedFile
+from ._logfile import DatedFile
 from .mirror import AscTime, escape
 
 CONTINUATION = "    | "  # begins every traceback line; a record always begins with its level name
