@@ -19,15 +19,10 @@ from opentelemetry.context import Context
 from . import attributes as A
 from . import _selflog as selflog
 from .events import EVENT_TO_STAGE_MAP, LoggingEventName
-from ._errorlog import ErrorLog
-from .mirror import MirrorRecord
+from ._records import ABORT, ERROR, EVENT, EXTRACT, FINISH, ErrorLog, MirrorRecord, Record, SpanState
 from ._propagation import Carried, CarrierError, HandedSpan, decode, encode
 from .span_plan import CROSS_PROCESS_STAGES, PLAN, REQUEST_SPAN_NAME, STAGE_ORDER, Action
 
-# Queued record kinds: the first element of every tuple the calling threads enqueue.
-EVENT, ERROR, FINISH, ABORT, EXTRACT = range(5)
-# Every record is (kind, ts_ns, event, request_id, user, payload, thread, context, filename, lineno).
-Record = tuple
 
 # A generator of our own, seeded from the OS: immune to random.seed() in the application (vLLM
 # #10447) and, re-seeded in a forked child, never repeating the parent's ids.
@@ -41,27 +36,6 @@ def new_span_id() -> int:
 
 def new_trace_id() -> int:
     return _ids.getrandbits(128) or 1
-
-
-@dataclass(slots=True)
-class SpanState:
-    """A span being assembled; once `end_ns` is set it is handed to the span builder."""
-
-    name: str
-    trace_id: int
-    span_id: int
-    parent_id: int  # 0: a root span
-    parent_remote: bool
-    sampled: bool
-    start_ns: int
-    stage: str
-    attributes: dict[str, Any] = field(default_factory=dict)
-    events: list[tuple[str, int, dict[str, Any]]] = field(default_factory=list)
-    exceptions: list[tuple[BaseException, int]] = field(default_factory=list)
-    error: str | None = None  # ERROR status description
-    implicit: bool = False
-    last_ns: int = 0
-    end_ns: int = 0
 
 
 @dataclass(slots=True)

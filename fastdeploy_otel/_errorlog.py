@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import os
 import traceback
-from dataclasses import dataclass
 
 from .attributes import text
 from ._logfile import DatedFile
+from ._records import ErrorLog
 from .mirror import AscTime, escape
 
 CONTINUATION = "    | "  # begins every traceback line; a record always begins with its level name
@@ -27,19 +27,6 @@ MAX_LINE_LEN = 2048
 
 _CAUSE = "The above exception was the direct cause of the following exception:"
 _CONTEXT = "During handling of the above exception, another exception occurred:"
-
-
-@dataclass
-class ErrorLog:
-    """One record_error call, resolved to its request's ids by the assembler."""
-
-    ts_ns: int
-    request_id: str
-    trace_id: int
-    span_id: int
-    exc: BaseException
-    filename: str = ""
-    lineno: int = 0
 
 
 def exception_type(exc: BaseException) -> str:

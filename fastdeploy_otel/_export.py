@@ -33,7 +33,7 @@ from opentelemetry.sdk.trace.sampling import (
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from . import _selflog as selflog
-from ._assembler import SpanState
+from ._records import SpanState
 from ._channel import THREAD_PREFIX as _THREAD_PREFIX, ExportChannel
 from ._limits import Limits, limit_attributes
 from .config import DEFAULT_SERVICE_NAME, Settings

@@ -1,15 +1,13 @@
 """The public entry points, and the hot path.
 
-``trace_print`` does little more than take a timestamp and append a tuple to a bounded deque.  A
-worker thread turns the queued records into spans (``assembler``), builds and exports them
-(``export``) and writes the trace.log mirror (``mirror``).  With tracing off, ``trace_print`` costs
-one branch.
+``trace_print`` does little more than take a timestamp and append a tuple to a bounded deque; the
+pipeline behind it (``_runtime``) turns records into spans, trace.log lines and error records.
+With tracing off, ``trace_print`` costs one branch.
 """
 
 from __future__ import annotations
 
 import atexit
-import collections
 import sys
 import threading
 import time
@@ -20,12 +18,11 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter
 
 from . import _selflog as selflog
-from ._assembler import ABORT, ERROR, EVENT, EXTRACT, FINISH, Assembler
+from ._records import ABORT, ERROR, EVENT, EXTRACT, FINISH
+from ._runtime import Runtime
 from .attributes import text
 from .config import Settings, load_settings
-from ._errorlog import ErrorLogFile
-from .events import _LOOKUP, LoggingEventName, parse_event
-from .mirror import TraceLogMirror
+from .events import _LOOKUP, LoggingEventName
 
 _time_ns = time.time_ns
 _current_thread = threading.current_thread
@@ -37,142 +34,7 @@ class RequestError(Exception):
     """An error known only by its message: what ``record_error(request_id, "text")`` records."""
 
 
-class _Runtime:
-    """Everything one configure() sets up; replaced whole by the next configure().
-
-    Two kinds of thread, so that trace.log never waits for the network: the worker turns records
-    into spans, mirror lines and error records and writes the files; the export channels' threads
-    (``channel``) talk to the collector behind bounded queues.
-    """
-
-    def __init__(self, settings: Settings, extra_exporters: Sequence[SpanExporter],
-                 queue: collections.deque | None = None) -> None:
-        self.settings = settings
-        # A configure() that replaces a runtime hands its queue on, so no record in flight is lost.
-        self.queue: collections.deque = queue if queue is not None else collections.deque()
-        self.max_pending = settings.max_pending
-        self.lock = threading.Lock()  # guards the assembler
-        self._ship_lock = threading.Lock()  # keeps batches in order on their way out
-        self._count_lock = threading.Lock()
-        self.counters = {"records": 0, "dropped_queue_full": 0, "unknown_events": 0, "record_failures": 0,
-                         "bad_carriers_at_call": 0}
-        self.sink = None
-        if settings.otel:
-            try:
-                from ._export import OtelSink
-
-                self.sink = OtelSink(settings, extra_exporters)
-            except Exception:
-                selflog.logger.exception("fastdeploy_otel: OTLP export could not be set up; tracing continues without it")
-        sampler = self.sink.should_sample if self.sink is not None else (lambda ctx, trace_id: True)
-        self.assembler = Assembler(
-            sampler, settings.capture_content, settings.max_requests, int(settings.request_ttl_s * 1e9)
-        )
-        # Files open on the first write: a missing directory is made then, and an unwritable one is
-        # reported then (once) without stopping the process.
-        self.mirror = TraceLogMirror(settings.log_dir, settings.backup_count) if settings.local else None
-        self.error_log = ErrorLogFile(settings.log_dir, settings.backup_count)
-        self._last_sweep = 0
-        self._stop = threading.Event()
-        self._worker = threading.Thread(target=self._run, name="fastdeploy-otel-worker", daemon=True)
-
-    def start(self) -> None:
-        self._worker.start()
-
-    # ---- worker --------------------------------------------------------------------------------
-    def _run(self) -> None:
-        while not self._stop.wait(self.settings.flush_interval_s):
-            self.flush()
-
-    def _drain(self) -> None:
-        """Feed queued records to the assembler (caller holds self.lock)."""
-        q, handle = self.queue, self.assembler.handle
-        n = len(q)
-        self.counters["records"] += n
-        for _ in range(n):
-            try:
-                rec = q.popleft()
-            except IndexError:  # a runtime being replaced shares this queue and took it first
-                self.counters["records"] -= 1
-                continue
-            try:
-                handle(rec)
-            except Exception:
-                self.counters["record_failures"] += 1
-                selflog.report("record", "fastdeploy_otel: a trace record could not be processed; dropped", exc_info=True)
-
-    def flush(self, final_reason: str | None = None) -> None:
-        """Records to spans, lines and error records, all written or queued; never waits on the network."""
-        try:
-            with self._ship_lock:
-                with self.lock:
-                    self._drain()
-                    now = _time_ns()
-                    if final_reason is not None:
-                        self.assembler.finish_all(now, final_reason)
-                    elif now - self._last_sweep > 1_000_000_000:
-                        self._last_sweep = now
-                        self.assembler.sweep(now)
-                    spans, lines, errors = self.assembler.take()
-                self._ship(spans, lines, errors)
-        except Exception:
-            selflog.report("flush", "fastdeploy_otel: flushing traces failed", exc_info=True)
-
-    def _ship(self, spans: list, lines: list, errors: list) -> None:
-        """Errors first (the rarest and most wanted), then the mirror, then the spans; each guarded."""
-        for step, out, items in (("error-log", self.error_log, errors), ("mirror", self.mirror, lines),
-                                 ("export", self.sink, spans)):
-            if out is None or not items:
-                continue
-            try:
-                if out is self.sink:
-                    out.build_all(items)
-                else:
-                    out.write(items)
-            except Exception:
-                selflog.report(step, "fastdeploy_otel: %s failed for a batch", step, exc_info=True)
-
-    def close(self, timeout_s: float) -> None:
-        """Stop within `timeout_s`: files first (local, quick), then whatever export can do in the rest."""
-        deadline = time.monotonic() + timeout_s
-        self._stop.set()
-        if self._worker.is_alive():
-            self._worker.join(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
-        self.flush(final_reason="unterminated: tracing was shut down before the request finished")
-        if self.sink is not None:
-            try:
-                lost = self.sink.shutdown(deadline)
-            except Exception:
-                lost = 0
-                selflog.logger.exception("fastdeploy_otel: stopping export failed")
-            if lost:
-                where = "their events are in trace.log" if self.mirror is not None else "they are lost (FD_TRACE=otel)"
-                selflog.logger.error(
-                    "fastdeploy_otel: %d spans could not be exported within the %gs shutdown deadline "
-                    "(FD_TRACE_SHUTDOWN_TIMEOUT_MS); %s", lost, timeout_s, where)
-        if self.mirror is not None:
-            self.mirror.close()
-        self.error_log.close()
-
-    # ---- counted drops ---------------------------------------------------------------------------
-    def count(self, key: str) -> None:
-        with self._count_lock:
-            self.counters[key] += 1
-
-    def unknown(self, event: object) -> None:
-        if self.settings.strict:
-            parse_event(event)  # raises UnknownEventError with the accepted names
-        self.count("unknown_events")
-        selflog.report("unknown-event", "fastdeploy_otel: dropped unknown trace event %r (counted)", text(event)[:64])
-
-    def full(self) -> None:
-        self.count("dropped_queue_full")
-        selflog.report(
-            "queue-full", "fastdeploy_otel: %d trace events pending; dropping new ones (counted)", self.max_pending
-        )
-
-
-_runtime: _Runtime | None = None
+_runtime: Runtime | None = None
 _configure_lock = threading.Lock()
 
 
@@ -242,9 +104,7 @@ def inject(request_id: str) -> dict[str, str]:
     if rt is None:
         return {}
     try:
-        with rt.lock:
-            rt._drain()
-            return rt.assembler.inject(request_id, _time_ns())
+        return rt.inject(request_id)
     except Exception:
         selflog.report("inject", "fastdeploy_otel: inject(%r) failed; the request continues untraced downstream", str(request_id)[:64], exc_info=True)
         return {}
@@ -288,7 +148,7 @@ def configure(
         old = _runtime
         new = None
         if settings.mode != "off":
-            new = _Runtime(settings, extra_exporters, queue=old.queue if old is not None else None)
+            new = Runtime(settings, extra_exporters, queue=old.queue if old is not None else None)
         _runtime = new
         if old is not None:
             old.close(old.settings.shutdown_timeout_s)
@@ -347,7 +207,7 @@ def stats() -> dict[str, int]:
     return {} if rt is None else _stats(rt)
 
 
-def _stats(rt: _Runtime) -> dict[str, int]:
+def _stats(rt: Runtime) -> dict[str, int]:
     out = dict(rt.counters)
     out.update(rt.assembler.counters)
     out["requests_in_flight"] = len(rt.assembler.requests)

@@ -16,11 +16,11 @@ from __future__ import annotations
 import os
 import re
 import time
-from typing import NamedTuple
 
 from . import _selflog as selflog
 from .attributes import text as _text
 from ._logfile import DatedFile
+from ._records import MirrorRecord
 
 MAX_VALUE_LEN = 256
 
@@ -72,22 +72,6 @@ def parse_line(line: str) -> dict[str, str] | None:
     for f in FIELD_RE.finditer(m.group("fields")):
         out[f.group("key")] = unescape(f.group("value"))
     return out
-
-
-class MirrorRecord(NamedTuple):
-    """Everything one trace.log line needs; made by the assembler, formatted by the worker."""
-
-    ts_ns: int
-    filename: str
-    lineno: int
-    thread_id: int
-    thread_name: str
-    request_id: str
-    user: object
-    event: str
-    stage: str
-    trace_id: int
-    span_id: int
 
 
 class AscTime:
