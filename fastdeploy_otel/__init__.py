@@ -1,13 +1,13 @@
 """OpenTelemetry-native request tracing for FastDeploy.
 
-    import fastdeploy_otel as fdt
-    fdt.configure()                                   # FD_TRACE, OTEL_* from the environment
-    fdt.trace_print("PREPROCESSING_START", request_id, user)
-    carrier = fdt.inject(request_id)                  # send with the request to the engine
-    fdt.extract(request_id, carrier)                  # in the engine
-    fdt.record_error(request_id, exc)
-    fdt.finish_request(request_id)
-    fdt.shutdown()
+import fastdeploy_otel as fdt
+fdt.configure()                                   # FD_TRACE, OTEL_* from the environment
+fdt.trace_print("PREPROCESSING_START", request_id, user)
+carrier = fdt.inject(request_id)                  # send with the request to the engine
+fdt.extract(request_id, carrier)                  # in the engine
+fdt.record_error(request_id, exc)
+fdt.finish_request(request_id)
+fdt.shutdown()
 """
 
 from .api import (

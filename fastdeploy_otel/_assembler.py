@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, NamedTuple
 
 from opentelemetry import trace
 from opentelemetry.context import Context
 
-from . import attributes as A
 from . import _selflog as selflog
-from .events import EVENT_TO_STAGE_MAP, LoggingEventName
-from ._records import ABORT, ERROR, EVENT, EXTRACT, FINISH, ErrorLog, MirrorRecord, Record, SpanState
+from . import attributes as A
 from ._propagation import Carried, CarrierError, HandedSpan, decode, encode
+from ._records import ABORT, ERROR, EVENT, EXTRACT, FINISH, ErrorLog, MirrorRecord, Record, SpanState
+from .events import EVENT_TO_STAGE_MAP, LoggingEventName
 from .span_plan import CROSS_PROCESS_STAGES, PLAN, REQUEST_SPAN_NAME, STAGE_ORDER, Action
-
 
 # A generator of our own, seeded from the OS: immune to random.seed() in the application (vLLM
 # #10447) and, re-seeded in a forked child, never repeating the parent's ids.
@@ -52,6 +52,15 @@ class RequestState:
     error: str | None = None
 
 
+class _Finished(NamedTuple):
+    """A request finished a moment ago: a late event still joins its trace."""
+
+    trace_id: int
+    span_id: int
+    sampled: bool
+    ts_ns: int
+
+
 # How long after finish_request an event still counts as a late event of that request.
 _LATE_WINDOW_NS = 60 * 1_000_000_000
 # Events that always begin a request, even when its id was used before.
@@ -75,7 +84,7 @@ class Assembler:
         self._ttl_ns = ttl_ns
         self.requests: dict[str, RequestState] = {}
         # Recently finished requests, so a late event still lands in the same trace.
-        self._finished: dict[str, tuple[int, int, bool]] = {}
+        self._finished: dict[str, _Finished] = {}
         self.spans: list[SpanState] = []
         self.lines: list[MirrorRecord] = []
         self.errors: list[ErrorLog] = []
@@ -89,17 +98,17 @@ class Assembler:
 
     # ---- records -------------------------------------------------------------------------------
     def handle(self, rec: Record) -> None:
-        kind = rec[0]
+        kind, ts, _, rid, _, payload, _, ctx, _, _ = rec
         if kind == EVENT:
             self._event(rec)
         elif kind == ERROR:
             self._error(rec)
         elif kind == FINISH:
-            self._finish(rec[3], rec[1], rec[5])
+            self._finish(rid, ts, payload)
         elif kind == ABORT:
-            self._abort(rec[3], rec[1], rec[5])
+            self._abort(rid, ts, payload)
         elif kind == EXTRACT:
-            self._extract(rec[3], rec[1], rec[5], rec[7])
+            self._extract(rid, ts, payload, ctx)
 
     def inject(self, request_id: str, now_ns: int) -> dict[str, str]:
         """The carrier for `request_id`; open cross-process stages are handed to the receiver."""
@@ -128,7 +137,9 @@ class Assembler:
             self._evict(rid, now_ns, reason)
 
     # ---- request state -------------------------------------------------------------------------
-    def _request(self, request_id: str, ts: int, user: object, ctx: Context | None, fresh: bool = False) -> RequestState:
+    def _request(
+        self, request_id: str, ts: int, user: object, ctx: Context | None, fresh: bool = False
+    ) -> RequestState:
         """The request's state; created on its first record. `fresh`: this event always begins a request."""
         req = self.requests.get(request_id)
         if req is not None:
@@ -141,16 +152,19 @@ class Assembler:
             self._evict(oldest, ts, f"evicted: more than {self._max_requests} requests in flight")
         parent = trace.get_current_span(ctx).get_span_context() if ctx is not None else None
         late = self._finished.pop(request_id, None)
-        if late is not None and not fresh and ts - late[3] < _LATE_WINDOW_NS and not (
-            parent is not None and parent.is_valid and parent.trace_id != late[0]
+        if (
+            late is not None
+            and not fresh
+            and ts - late.ts_ns < _LATE_WINDOW_NS
+            and not (parent is not None and parent.is_valid and parent.trace_id != late.trace_id)
         ):
             # An event just after finish_request: same trace, under the finished request span.
             self.counters["late_events"] += 1
-            trace_id, span_id, sampled, _ = late
-            req = RequestState(request_id, user, trace_id, span_id, False, sampled, ts, None)
+            req = RequestState(request_id, user, late.trace_id, late.span_id, False, late.sampled, ts, None)
         else:  # a new request (a reused request id is a new request too)
-            if parent is not None and parent.is_valid:
-                trace_id = parent.trace_id
+            remote = parent if parent is not None and parent.is_valid else None
+            if remote is not None:
+                trace_id = remote.trace_id
             else:
                 trace_id, ctx = new_trace_id(), None
             sampled = self._sampler(ctx, trace_id)
@@ -158,8 +172,8 @@ class Assembler:
                 REQUEST_SPAN_NAME,
                 trace_id,
                 new_span_id(),
-                parent.span_id if ctx is not None else 0,
-                bool(ctx is not None and parent.is_remote),
+                remote.span_id if remote is not None else 0,
+                bool(remote is not None and remote.is_remote),
                 sampled,
                 ts,
                 "",
@@ -172,8 +186,16 @@ class Assembler:
     def _open(self, req: RequestState, name: str, stage: str, ts: int, implicit: bool = False) -> SpanState:
         parent = req.span_id if name == stage else self._stage(req, stage, ts).span_id
         span = SpanState(
-            name, req.trace_id, new_span_id(), parent, not req.owner and name == stage, req.sampled, ts, stage,
-            implicit=implicit, last_ns=ts,
+            name,
+            req.trace_id,
+            new_span_id(),
+            parent,
+            not req.owner and name == stage,
+            req.sampled,
+            ts,
+            stage,
+            implicit=implicit,
+            last_ns=ts,
         )
         span.attributes[A.REQUEST_ID] = A.capped(req.request_id)
         span.attributes[A.STAGE] = stage
@@ -217,7 +239,19 @@ class Assembler:
     def _line(self, rec: Record, req: RequestState, span_id: int, stage: str) -> None:
         _, ts, event, rid, user, _, thread, _, filename, lineno = rec
         self.lines.append(
-            MirrorRecord(ts, filename, lineno, thread.ident or 0, thread.name, rid, user, _NAME[event], stage, req.trace_id, span_id)
+            MirrorRecord(
+                ts,
+                filename,
+                lineno,
+                thread.ident or 0,
+                thread.name,
+                rid,
+                user,
+                _NAME[event],
+                stage,
+                req.trace_id,
+                span_id,
+            )
         )
 
     def _anomaly(self, span: SpanState, what: str, ts: int, event: str) -> None:
@@ -241,13 +275,15 @@ class Assembler:
             span = req.open[step.unless_open]
             span.events.append((_NAME[event], ts, attrs))
         elif action is Action.OPEN:
-            span = req.open.get(step.span)
-            if span is not None and span.implicit:
+            found = req.open.get(step.span)
+            if found is not None and found.implicit:
                 # The stage was opened by an earlier sub-stage or point event: the START adopts it.
+                span = found
                 span.implicit = False
                 span.attributes.pop(A.IMPLICIT_START, None)
                 span.attributes.update(attrs)
-            elif span is not None:
+            elif found is not None:
+                span = found
                 self._anomaly(span, "duplicate_start", ts, _NAME[event])
             else:
                 if step.is_stage:
@@ -255,8 +291,10 @@ class Assembler:
                 span = self._open(req, step.span, step.stage, ts)
                 span.attributes.update(attrs)
         elif action is Action.CLOSE:
-            span = req.open.get(step.span)
-            if span is None:
+            closing = req.open.get(step.span)
+            if closing is not None:
+                span = closing
+            else:
                 # END without START: a zero-length span, marked, so the END is still visible.
                 span = self._open(req, step.span, step.stage, ts)
                 span.attributes[A.ANOMALY] = "end_without_start"
@@ -322,7 +360,7 @@ class Assembler:
                 span.attributes[A.USER_ID] = A.capped(A.text(req.user))
             if span.sampled:
                 self.spans.append(span)
-        self._finished[rid] = (req.trace_id, req.span_id, req.sampled, ts)
+        self._finished[rid] = _Finished(req.trace_id, req.span_id, req.sampled, ts)
         if len(self._finished) > 10_000:
             self._finished.pop(next(iter(self._finished)))
 
@@ -377,4 +415,3 @@ class Assembler:
             req.error = req.error or carried.error
             if req.span is not None:
                 req.span.attributes.setdefault(A.ERROR_TYPE, carried.error)
-

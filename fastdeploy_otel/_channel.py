@@ -14,7 +14,8 @@ import collections
 import logging
 import threading
 import time
-from typing import Any, Callable, Generic, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, Generic, TypeVar
 
 from opentelemetry.sdk.trace import SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExportResult
@@ -84,9 +85,12 @@ class ExportChannel(SpanProcessor, Generic[T]):
         q = self._queue
         if len(q) >= self._max_queue or self._closing:
             self.dropped += 1
-            selflog.report("queue-full:" + self.target,
-                           "fastdeploy_otel: export queue for %s is full (%d spans); dropping spans (counted)",
-                           self.target, self._max_queue)
+            selflog.report(
+                "queue-full:" + self.target,
+                "fastdeploy_otel: export queue for %s is full (%d spans); dropping spans (counted)",
+                self.target,
+                self._max_queue,
+            )
             return
         q.append(span)
         if len(q) == self._batch:
@@ -106,11 +110,10 @@ class ExportChannel(SpanProcessor, Generic[T]):
                 self._idle.wait(left)
         return True
 
-    def shutdown(self, timeout_millis: int = 5000) -> int:
-        """Export what is queued within the deadline, then stop; returns the spans lost at the deadline."""
-        deadline = time.monotonic() + timeout_millis / 1000
+    def shutdown(self, timeout_millis: int = 5000) -> None:
+        """Export what is queued within the deadline, then stop; what is left is counted in ``lost``."""
         self.begin_shutdown()
-        return self.finish_shutdown(deadline)
+        self.finish_shutdown(time.monotonic() + timeout_millis / 1000)
 
     def begin_shutdown(self) -> None:
         with self._wake:
@@ -189,8 +192,12 @@ class ExportChannel(SpanProcessor, Generic[T]):
                     item = shrink(item, self._max_span_bytes)  # type: ignore[arg-type,assignment]
                     n = span_size(item)  # type: ignore[arg-type]
                     self.truncated += 1
-                    selflog.report("truncated", "fastdeploy_otel: a span of about %d bytes was shrunk to fit an "
-                                   "export message (attribute values cut; marked fastdeploy.truncated)", n)
+                    selflog.report(
+                        "truncated",
+                        "fastdeploy_otel: a span of about %d bytes was shrunk to fit an "
+                        "export message (attribute values cut; marked fastdeploy.truncated)",
+                        n,
+                    )
                 if batch and size + n > self._max_bytes:
                     q.appendleft(item)  # only this thread takes from the left
                     break
@@ -204,8 +211,12 @@ class ExportChannel(SpanProcessor, Generic[T]):
         try:
             result = self._export_fn(batch)
         except Exception:  # an exporter bug must not kill the export thread
-            selflog.report("export-crash:" + self.target, "fastdeploy_otel: exporter for %s raised; spans dropped",
-                           self.target, exc_info=True)
+            selflog.report(
+                "export-crash:" + self.target,
+                "fastdeploy_otel: exporter for %s raised; spans dropped",
+                self.target,
+                exc_info=True,
+            )
             result = SpanExportResult.FAILURE
         with self._wake:
             self._inflight = 0
@@ -222,6 +233,8 @@ class ExportChannel(SpanProcessor, Generic[T]):
             if recovered:
                 logger.warning("OTLP export to %s recovered", self.target)
         elif went_down:
-            logger.warning("OTLP export to %s is failing; spans are dropped and counted, trace.log keeps every "
-                           "event (serving is not affected)", self.target)
-
+            logger.warning(
+                "OTLP export to %s is failing; spans are dropped and counted, trace.log keeps every "
+                "event (serving is not affected)",
+                self.target,
+            )

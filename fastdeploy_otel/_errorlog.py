@@ -16,9 +16,9 @@ from __future__ import annotations
 import os
 import traceback
 
-from .attributes import text
 from ._logfile import DatedFile
 from ._records import ErrorLog
+from .attributes import text
 from .mirror import AscTime, escape
 
 CONTINUATION = "    | "  # begins every traceback line; a record always begins with its level name

@@ -12,15 +12,15 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
+from opentelemetry.sdk import trace as sdk_trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan, SpanLimits, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
-from opentelemetry.sdk import trace as sdk_trace
-from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.sdk.trace.id_generator import IdGenerator
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
@@ -30,12 +30,14 @@ from opentelemetry.sdk.trace.sampling import (
     Sampler,
     TraceIdRatioBased,
 )
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from . import _selflog as selflog
-from ._records import SpanState
-from ._channel import THREAD_PREFIX as _THREAD_PREFIX, ExportChannel
+from ._channel import THREAD_PREFIX as _THREAD_PREFIX
+from ._channel import ExportChannel
 from ._limits import Limits, limit_attributes
+from ._records import SpanState
 from .config import DEFAULT_SERVICE_NAME, Settings
 
 SCOPE = "fastdeploy_otel"
@@ -75,7 +77,9 @@ class _RateLimitFilter(logging.Filter):
         if not record.threadName or not record.threadName.startswith(_THREAD_PREFIX):
             return True
         if record.levelno >= logging.WARNING:
-            selflog.report("otel-sdk:" + record.name, "OpenTelemetry SDK: %s", record.getMessage(), level=record.levelno)
+            selflog.report(
+                "otel-sdk:" + record.name, "OpenTelemetry SDK: %s", record.getMessage(), level=record.levelno
+            )
         return False
 
 
@@ -113,16 +117,16 @@ def make_exporter(settings: Settings) -> tuple[SpanExporter, str]:
 
             with open(settings.certificate, "rb") as f:
                 kwargs["credentials"] = grpc.ssl_channel_credentials(f.read())
-        exporter = OTLPSpanExporter(**kwargs)
+        exporter: SpanExporter = OTLPSpanExporter(**kwargs)
         target = settings.endpoint or "localhost:4317"
     else:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 
         if settings.endpoint:
             kwargs["endpoint"] = settings.endpoint  # config.py has added /v1/traces where the spec says so
         if settings.certificate:
             kwargs["certificate_file"] = settings.certificate
-        exporter = OTLPSpanExporter(**kwargs)
+        exporter = HttpExporter(**kwargs)
         target = kwargs.get("endpoint", "http://localhost:4318/v1/traces")
     return exporter, target
 
@@ -130,9 +134,8 @@ def make_exporter(settings: Settings) -> tuple[SpanExporter, str]:
 def make_sampler(settings: Settings) -> Sampler:
     """OTEL_TRACES_SAMPLER's names, built from the (validated) settings."""
     name = settings.sampler
-    base = {"always_on": ALWAYS_ON, "always_off": ALWAYS_OFF}.get(name.replace("parentbased_", ""))
-    if base is None:
-        base = TraceIdRatioBased(settings.sampler_arg)
+    static: dict[str, Sampler] = {"always_on": ALWAYS_ON, "always_off": ALWAYS_OFF}
+    base = static.get(name.replace("parentbased_", "")) or TraceIdRatioBased(settings.sampler_arg)
     return ParentBased(base) if name.startswith("parentbased_") else base
 
 
@@ -168,16 +171,23 @@ class OtelSink:
         current = trace.get_tracer_provider()
         self.attached = isinstance(current, TracerProvider)
         self.settings = settings
-        self.limits = Limits(settings.attribute_count_limit, settings.event_count_limit,
-                             settings.event_attribute_count_limit, settings.attribute_length_limit)
-        options = {**_BSP_DEFAULTS, **settings.bsp, "max_batch_bytes": settings.max_export_batch_bytes}
+        self.limits = Limits(
+            settings.attribute_count_limit,
+            settings.event_count_limit,
+            settings.event_attribute_count_limit,
+            settings.attribute_length_limit,
+        )
+        options: dict[str, Any] = {**_BSP_DEFAULTS, **settings.bsp, "max_batch_bytes": settings.max_export_batch_bytes}
         self.channels: list[ExportChannel] = []
-        if self.attached:
+        self.provider: TracerProvider
+        if isinstance(current, TracerProvider):
             # The application (e.g. `opentelemetry-instrument`) set up OTel: use its provider and pipeline.
             self.provider = current
         else:
             self.provider = TracerProvider(
-                resource=make_resource(settings), sampler=make_sampler(settings), span_limits=self._span_limits(),
+                resource=make_resource(settings),
+                sampler=make_sampler(settings),
+                span_limits=self._span_limits(),
                 shutdown_on_exit=False,  # api.py's exit hook stops us, within the shutdown deadline
             )
             if settings.exporter != "none":
@@ -200,13 +210,20 @@ class OtelSink:
         # from a thread of ours, behind the same bounded queue.
         self._replayer: ExportChannel | None = None
         if self.attached:
-            self._replayer = ExportChannel(None, "application-provider", sized=False, export=self._replay_all,
-                                           **{**options, "schedule_delay_millis": 50})
+            self._replayer = ExportChannel(
+                None,
+                "application-provider",
+                sized=False,
+                export=self._replay_all,
+                **{**options, "schedule_delay_millis": 50},
+            )
 
     def _span_limits(self) -> SpanLimits:
         lim = self.limits
         return SpanLimits(
-            max_span_attributes=lim.attributes, max_events=lim.events, max_event_attributes=lim.event_attributes,
+            max_span_attributes=lim.attributes,
+            max_events=lim.events,
+            max_event_attributes=lim.event_attributes,
             max_attribute_length=SpanLimits.UNSET if lim.value_length is None else lim.value_length,
         )
 
@@ -218,8 +235,13 @@ class OtelSink:
         """
         p = self.provider
         return sdk_trace.Tracer(
-            p.sampler, p.resource, p._active_span_processor, self._ids,  # noqa: SLF001 - no public way
-            None, p._span_limits, self._scope,  # noqa: SLF001 (instrumentation_info: deprecated)
+            p.sampler,
+            p.resource,
+            p._active_span_processor,
+            self._ids,
+            None,  # type: ignore[arg-type]  # instrumentation_info: deprecated; the scope below replaces it
+            p._span_limits,  # the provider's private parts: there is no public way to build this tracer
+            self._scope,
         )
 
     def should_sample(self, ctx: Context | None, trace_id: int) -> bool:
@@ -251,10 +273,15 @@ class OtelSink:
         span = ReadableSpan(
             s.name,
             SpanContext(s.trace_id, s.span_id, is_remote=False, trace_flags=_SAMPLED),
-            SpanContext(s.trace_id, s.parent_id, is_remote=s.parent_remote, trace_flags=_SAMPLED) if s.parent_id else None,
+            SpanContext(s.trace_id, s.parent_id, is_remote=s.parent_remote, trace_flags=_SAMPLED)
+            if s.parent_id
+            else None,
             self.provider.resource,
             limit_attributes(s.attributes, lim.attributes, lim.value_length),
-            [Event(name, limit_attributes(attrs, lim.event_attributes, lim.value_length), ts) for name, ts, attrs in events],
+            [
+                Event(name, limit_attributes(attrs, lim.event_attributes, lim.value_length), ts)
+                for name, ts, attrs in events
+            ],
             status=Status(StatusCode.ERROR, s.error) if s.error else _UNSET,
             start_time=s.start_ns,
             end_time=s.end_ns,
@@ -306,7 +333,8 @@ class OtelSink:
         """Stop within `deadline` (a time.monotonic() value); returns the spans lost at the deadline."""
         lost = 0
         if self._replayer is not None:
-            lost += self._replayer.shutdown(int(max(0.0, deadline - time.monotonic()) * 1000))
+            self._replayer.begin_shutdown()
+            lost += self._replayer.finish_shutdown(deadline)
         if self.attached:
             run_with_deadline(self.provider.force_flush, deadline)
         for channel in self.channels:

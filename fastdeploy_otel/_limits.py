@@ -8,7 +8,8 @@ shrunk rather than allowed to take its batch down with it.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 from opentelemetry.sdk.trace import Event, ReadableSpan
 
@@ -89,7 +90,16 @@ def shrink(span: ReadableSpan, max_bytes: int) -> ReadableSpan:
         budget -= cost
         events.append(Event(e.name, ea, e.timestamp))
     return ReadableSpan(
-        span.name, span.context, span.parent, span.resource, attributes, events, span.links, span.kind,
-        status=span.status, start_time=span.start_time, end_time=span.end_time,
+        span.name,
+        span.context,
+        span.parent,
+        span.resource,
+        attributes,
+        events,
+        span.links,
+        span.kind,
+        status=span.status,
+        start_time=span.start_time,
+        end_time=span.end_time,
         instrumentation_scope=span.instrumentation_scope,
     )

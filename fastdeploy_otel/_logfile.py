@@ -100,7 +100,7 @@ class DatedFile:
                     part = payload[:cut]
                     done = part.count(b"\n")
                     self._dangling = bool(part) and not part.endswith(b"\n")
-                    if self._dangling and payload[cut:cut + 1] == b"\n":
+                    if self._dangling and payload[cut : cut + 1] == b"\n":
                         done += 1  # only its newline is missing: the line is whole once the next write ends it
                 self.lines_written += done
                 self._failed(exc, lines - done)
@@ -109,7 +109,10 @@ class DatedFile:
             self.lines_written += lines
             if self._failing:
                 self._failing = False
-                say(f"fastdeploy_otel: writing {self.path} recovered; {self._failed_since} lines were lost while it failed")
+                say(
+                    f"fastdeploy_otel: writing {self.path} recovered; "
+                    f"{self._failed_since} lines were lost while it failed"
+                )
             return lines
 
     def _failed(self, exc: OSError, lost: int) -> None:
@@ -119,8 +122,10 @@ class DatedFile:
         if not self._failing:
             self._failing = True
             self._failed_since = 0
-            say(f"fastdeploy_otel: writing {self.path} failed ({exc.strerror or exc}); "
-                "lines are dropped and counted until it recovers (serving is not affected)")
+            say(
+                f"fastdeploy_otel: writing {self.path} failed ({exc.strerror or exc}); "
+                "lines are dropped and counted until it recovers (serving is not affected)"
+            )
         self._failed_since += lost
 
     # ---- the dated file, the symlink, pruning -----------------------------------------------------
@@ -165,7 +170,9 @@ class DatedFile:
             return
         prefix = self.name + "."
         try:
-            days = sorted(n for n in os.listdir(self.dir) if n.startswith(prefix) and _DATE_SUFFIX.match(n[len(self.name):]))
+            days = sorted(
+                n for n in os.listdir(self.dir) if n.startswith(prefix) and _DATE_SUFFIX.match(n[len(self.name) :])
+            )
         except OSError:
             return
         for old in days[: max(0, len(days) - 1 - self.backup_count)]:

@@ -18,7 +18,8 @@ import json
 import logging
 import os
 import threading
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
@@ -102,7 +103,9 @@ class OtlpJsonLinesExporter(SpanExporter):
                     selflog.report(
                         "otlp-json:" + self.path,
                         "fastdeploy_otel: writing spans to %s failed (%s: %s); spans are dropped and counted",
-                        self.path, type(exc).__name__, exc,
+                        self.path,
+                        type(exc).__name__,
+                        exc,
                     )
                 return SpanExportResult.FAILURE
             if self._failing:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from .attributes import clean_all, text
 from .span_plan import CROSS_PROCESS_STAGES
@@ -62,7 +63,9 @@ class Carried:
 def encode(trace_id: int, span_id: int, sampled: bool, stages: list[HandedSpan], error: str | None) -> dict[str, str]:
     carrier = {TRACEPARENT: f"00-{trace_id:032x}-{span_id:016x}-{'01' if sampled else '00'}"}
     if stages:
-        items = [{"n": s.name, "s": f"{s.span_id:016x}", "t": s.start_ns, "a": s.attributes, "e": s.events} for s in stages]
+        items = [
+            {"n": s.name, "s": f"{s.span_id:016x}", "t": s.start_ns, "a": s.attributes, "e": s.events} for s in stages
+        ]
         text = json.dumps(items, separators=(",", ":"), default=str)
         if len(text) > MAX_STAGES_LEN:
             text = json.dumps([{"n": s.name, "s": f"{s.span_id:016x}", "t": s.start_ns} for s in stages])
@@ -92,7 +95,12 @@ def decode(carrier: Mapping[str, Any]) -> Carried:
                 raise ValueError
             for it in items:
                 name, sid, start = it["n"], it["s"], _time(it["t"])
-                if name not in CROSS_PROCESS_STAGES or not isinstance(sid, str) or not _SPAN_ID_RE.match(sid) or sid == "0" * 16:
+                if (
+                    name not in CROSS_PROCESS_STAGES
+                    or not isinstance(sid, str)
+                    or not _SPAN_ID_RE.match(sid)
+                    or sid == "0" * 16
+                ):
                     raise ValueError
                 events = [(text(n), _time(t), clean_all(a)) for n, t, a in it.get("e") or []]
                 stages.append(HandedSpan(name, int(sid, 16), start, clean_all(it.get("a")), events))

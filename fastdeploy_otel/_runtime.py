@@ -11,7 +11,8 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from opentelemetry.sdk.trace.export import SpanExporter
 
@@ -32,8 +33,9 @@ class Runtime:
     (``channel``) talk to the collector behind bounded queues.
     """
 
-    def __init__(self, settings: Settings, extra_exporters: Sequence[SpanExporter],
-                 queue: collections.deque | None = None) -> None:
+    def __init__(
+        self, settings: Settings, extra_exporters: Sequence[SpanExporter], queue: collections.deque | None = None
+    ) -> None:
         self.settings = settings
         # A configure() that replaces a runtime hands its queue on, so no record in flight is lost.
         self.queue: collections.deque = queue if queue is not None else collections.deque()
@@ -41,8 +43,13 @@ class Runtime:
         self.lock = threading.Lock()  # guards the assembler
         self._ship_lock = threading.Lock()  # keeps batches in order on their way out
         self._count_lock = threading.Lock()
-        self.counters = {"records": 0, "dropped_queue_full": 0, "unknown_events": 0, "record_failures": 0,
-                         "bad_carriers_at_call": 0}
+        self.counters = {
+            "records": 0,
+            "dropped_queue_full": 0,
+            "unknown_events": 0,
+            "record_failures": 0,
+            "bad_carriers_at_call": 0,
+        }
         self.sink = None
         if settings.otel:
             try:
@@ -50,7 +57,9 @@ class Runtime:
 
                 self.sink = OtelSink(settings, extra_exporters)
             except Exception:
-                selflog.logger.exception("fastdeploy_otel: OTLP export could not be set up; tracing continues without it")
+                selflog.logger.exception(
+                    "fastdeploy_otel: OTLP export could not be set up; tracing continues without it"
+                )
         sampler = self.sink.should_sample if self.sink is not None else (lambda ctx, trace_id: True)
         self.assembler = Assembler(
             sampler, settings.capture_content, settings.max_requests, int(settings.request_ttl_s * 1e9)
@@ -86,7 +95,9 @@ class Runtime:
                 handle(rec)
             except Exception:
                 self.counters["record_failures"] += 1
-                selflog.report("record", "fastdeploy_otel: a trace record could not be processed; dropped", exc_info=True)
+                selflog.report(
+                    "record", "fastdeploy_otel: a trace record could not be processed; dropped", exc_info=True
+                )
 
     def flush(self, final_reason: str | None = None) -> None:
         """Records to spans, lines and error records, all written or queued; never waits on the network."""
@@ -107,15 +118,16 @@ class Runtime:
 
     def _ship(self, spans: list, lines: list, errors: list) -> None:
         """Errors first (the rarest and most wanted), then the mirror, then the spans; each guarded."""
-        for step, out, items in (("error-log", self.error_log, errors), ("mirror", self.mirror, lines),
-                                 ("export", self.sink, spans)):
-            if out is None or not items:
+        steps: tuple[tuple[str, Any, list], ...] = (
+            ("error-log", self.error_log and self.error_log.write, errors),
+            ("mirror", self.mirror and self.mirror.write, lines),
+            ("export", self.sink and self.sink.build_all, spans),
+        )
+        for step, write, items in steps:
+            if write is None or not items:
                 continue
             try:
-                if out is self.sink:
-                    out.build_all(items)
-                else:
-                    out.write(items)
+                write(items)
             except Exception:
                 selflog.report(step, "fastdeploy_otel: %s failed for a batch", step, exc_info=True)
 
@@ -136,7 +148,11 @@ class Runtime:
                 where = "their events are in trace.log" if self.mirror is not None else "they are lost (FD_TRACE=otel)"
                 selflog.logger.error(
                     "fastdeploy_otel: %d spans could not be exported within the %gs shutdown deadline "
-                    "(FD_TRACE_SHUTDOWN_TIMEOUT_MS); %s", lost, timeout_s, where)
+                    "(FD_TRACE_SHUTDOWN_TIMEOUT_MS); %s",
+                    lost,
+                    timeout_s,
+                    where,
+                )
         if self.mirror is not None:
             self.mirror.close()
         self.error_log.close()

@@ -11,7 +11,8 @@ import atexit
 import sys
 import threading
 import time
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from opentelemetry.context import get_current
 from opentelemetry.sdk.trace import TracerProvider
@@ -60,7 +61,20 @@ def trace_print(event: LoggingEventName | str, request_id: str, user: object = N
     if user is not None and type(user) is not str:
         user = text(user)
     f = _getframe(1)
-    q.append((EVENT, _time_ns(), ev, request_id, user, attributes, _current_thread(), get_current(), f.f_code.co_filename, f.f_lineno))
+    q.append(
+        (
+            EVENT,
+            _time_ns(),
+            ev,
+            request_id,
+            user,
+            attributes,
+            _current_thread(),
+            get_current(),
+            f.f_code.co_filename,
+            f.f_lineno,
+        )
+    )
 
 
 def _enqueue(kind: int, request_id: str, payload: Any = None) -> None:
@@ -106,7 +120,12 @@ def inject(request_id: str) -> dict[str, str]:
     try:
         return rt.inject(request_id)
     except Exception:
-        selflog.report("inject", "fastdeploy_otel: inject(%r) failed; the request continues untraced downstream", str(request_id)[:64], exc_info=True)
+        selflog.report(
+            "inject",
+            "fastdeploy_otel: inject(%r) failed; the request continues untraced downstream",
+            str(request_id)[:64],
+            exc_info=True,
+        )
         return {}
 
 
@@ -127,8 +146,11 @@ def extract(request_id: str, carrier: Mapping[str, str] | None) -> None:
 
 # ---- lifecycle -----------------------------------------------------------------------------------
 def configure(
-    *, env: Mapping[str, str] | None = None, strict_config: bool = False,
-    extra_exporters: Sequence[SpanExporter] = (), **overrides: Any,
+    *,
+    env: Mapping[str, str] | None = None,
+    strict_config: bool = False,
+    extra_exporters: Sequence[SpanExporter] = (),
+    **overrides: Any,
 ) -> Settings:
     """Set up tracing from overrides > environment > defaults; replaces any earlier setup.
 
@@ -225,10 +247,9 @@ def _stats(rt: Runtime) -> dict[str, int]:
 def get_tracer_provider() -> TracerProvider | None:
     """The provider spans go through (for FastAPIInstrumentor and friends); None without OTLP."""
     rt = _runtime
-    return rt.sink.provider if rt is not None and rt.sink is not None else None
+    return rt.sink.provider if rt is not None and rt.sink is not None else None  # always the SDK's
 
 
 def settings() -> Settings | None:
     rt = _runtime
     return rt.settings if rt is not None else None
-

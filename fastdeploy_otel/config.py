@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import unquote
 
 MODES = ("off", "local", "otel", "all")
@@ -60,7 +61,9 @@ class Settings:
     max_pending: int = 65536  # events buffered between the calling threads and the worker
     max_requests: int = 100_000  # requests in flight before the oldest is evicted
     request_ttl_s: float = 600.0  # a request with no event for this long is evicted
-    flush_interval_s: float = 0.1  # how often the worker turns events into spans and lines (small batches: short GIL holds)
+    flush_interval_s: float = (
+        0.1  # how often the worker turns events into spans and lines (small batches: short GIL holds)
+    )
     shutdown_timeout_s: float = 5.0  # shutdown() returns within this, whatever the collector does
     max_export_batch_bytes: int = 3 * 1024 * 1024  # an export message stays under a collector's 4 MiB gRPC limit
     # The OTel span limits (OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT, ...), applied to every span we build.
@@ -194,9 +197,15 @@ def _from_env(env: Mapping[str, str]) -> tuple[dict[str, Any], list[ConfigError]
     read(("OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "OTEL_ATTRIBUTE_COUNT_LIMIT"), "attribute_count_limit", count)
     read(("OTEL_SPAN_EVENT_COUNT_LIMIT",), "event_count_limit", count)
     read(("OTEL_EVENT_ATTRIBUTE_COUNT_LIMIT", "OTEL_ATTRIBUTE_COUNT_LIMIT"), "event_attribute_count_limit", count)
-    read(("OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT", "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT"), "attribute_length_limit", count)
+    read(
+        ("OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT", "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT"), "attribute_length_limit", count
+    )
 
-    read(("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"), "timeout_s", lambda n, v: _number(n, v, float, 0.001) / 1000)
+    read(
+        ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"),
+        "timeout_s",
+        lambda n, v: _number(n, v, float, 0.001) / 1000,
+    )
     read(("OTEL_TRACES_SAMPLER",), "sampler", choice(SAMPLERS))
     if out.get("sampler", "").endswith("traceidratio"):
         read(("OTEL_TRACES_SAMPLER_ARG",), "sampler_arg", lambda n, v: _number(n, v, float, 0.0, 1.0))

@@ -100,7 +100,9 @@ ALIASES: dict[str, LoggingEventName] = {
 }
 
 # One dict for the hot path: an enum member or its string (or an alias) -> the member.
-_LOOKUP: dict[object, LoggingEventName] = {**{m: m for m in E}, **{m.value: m for m in E}, **ALIASES}
+_LOOKUP: dict[object, LoggingEventName] = {m: m for m in E}
+_LOOKUP.update({m.value: m for m in E})
+_LOOKUP.update(ALIASES)
 
 
 class UnknownEventError(ValueError):

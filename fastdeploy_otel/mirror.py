@@ -18,9 +18,9 @@ import re
 import time
 
 from . import _selflog as selflog
-from .attributes import text as _text
 from ._logfile import DatedFile
 from ._records import MirrorRecord
+from .attributes import text as _text
 
 MAX_VALUE_LEN = 256
 
@@ -145,8 +145,14 @@ class TraceLogMirror:
             return self._format(record)
         except Exception:  # one bad record must not cost the batch
             selflog.report("mirror-format", "trace.log mirror: a line could not be formatted", exc_info=True)
-            return self._format(record._replace(user=_text(record.user), thread_name=_text(record.thread_name),
-                                                request_id=_text(record.request_id), filename="<unknown>"))
+            return self._format(
+                record._replace(
+                    user=_text(record.user),
+                    thread_name=_text(record.thread_name),
+                    request_id=_text(record.request_id),
+                    filename="<unknown>",
+                )
+            )
 
     def close(self) -> None:
         self.file.close()

@@ -26,7 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from .events import EVENT_TO_STAGE_MAP, LoggingEventName as E, StageName
+from .events import EVENT_TO_STAGE_MAP, StageName
+from .events import LoggingEventName as E
 
 REQUEST_SPAN_NAME = "fastdeploy.request"
 

@@ -1,9 +1,9 @@
 """``fastdeploy-otel``: the demo, the server, and a check of the tracing environment.
 
-    fastdeploy-otel demo [--out DIR]        run the traced stack on a workload; leave trace.log,
-                                            spans.jsonl and timeline.html in DIR
-    fastdeploy-otel serve --port N          run the traced stack until Ctrl-C / SIGTERM
-    fastdeploy-otel check-config            validate the tracing environment variables
+fastdeploy-otel demo [--out DIR]        run the traced stack on a workload; leave trace.log,
+                                        spans.jsonl and timeline.html in DIR
+fastdeploy-otel serve --port N          run the traced stack until Ctrl-C / SIGTERM
+fastdeploy-otel check-config            validate the tracing environment variables
 """
 
 from __future__ import annotations
@@ -72,14 +72,26 @@ def demo(args: argparse.Namespace) -> int:
     if endpoint:
         print(f"[demo] spans also go to {endpoint}", flush=True)
     t0 = time.monotonic()
-    with Stack(trace_mode="all", log_dir=logs, json_dir=json_dir, gpu_blocks=args.gpu_blocks,
-               cpu_blocks=args.cpu_blocks, max_batch=4) as stack:
-        print(f"[demo] stack ready at {stack.base_url} in {time.monotonic() - t0:.1f}s; sending the workload", flush=True)
+    with Stack(
+        trace_mode="all",
+        log_dir=logs,
+        json_dir=json_dir,
+        gpu_blocks=args.gpu_blocks,
+        cpu_blocks=args.cpu_blocks,
+        max_batch=4,
+    ) as stack:
+        print(
+            f"[demo] stack ready at {stack.base_url} in {time.monotonic() - t0:.1f}s; sending the workload", flush=True
+        )
 
         def report(o, done, total):
             extra = f" cached={o.cached_tokens}" if o.cached_tokens else ""
-            print(f"[demo] {done:2d}/{total} {o.status} {o.elapsed_ms:7.0f} ms  {o.label:<32} trace_id={o.trace_id}{extra}"
-                  f"{'  ' + o.note if o.note else ''}", flush=True)
+            print(
+                f"[demo] {done:2d}/{total} {o.status} {o.elapsed_ms:7.0f} ms  {o.label:<32} "
+                f"trace_id={o.trace_id}{extra}"
+                f"{'  ' + o.note if o.note else ''}",
+                flush=True,
+            )
 
         outcomes = workload.run(stack.base_url, report)
         print("[demo] stopping the stack (flushing spans and mirror lines) ...", flush=True)
@@ -108,13 +120,25 @@ def serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    stack = Stack(log_dir=args.log_dir, port=args.port, host=args.host, gpu_blocks=args.gpu_blocks,
-                  cpu_blocks=args.cpu_blocks, max_batch=args.max_batch)
+    stack = Stack(
+        log_dir=args.log_dir,
+        port=args.port,
+        host=args.host,
+        gpu_blocks=args.gpu_blocks,
+        cpu_blocks=args.cpu_blocks,
+        max_batch=args.max_batch,
+    )
     with stack:
-        print(f"serving on {stack.base_url} (OpenAI-compatible: /v1/completions, /v1/chat/completions, /v1/models, "
-              f"/health); Ctrl-C to stop", flush=True)
-        print(f"{describe(load_settings()[0])}; trace.log and error.log under {args.log_dir}/<role>/, "
-              f"process output (export warnings too) in {args.log_dir}/api.out and engine.out", flush=True)
+        print(
+            f"serving on {stack.base_url} (OpenAI-compatible: /v1/completions, /v1/chat/completions, /v1/models, "
+            f"/health); Ctrl-C to stop",
+            flush=True,
+        )
+        print(
+            f"{describe(load_settings()[0])}; trace.log and error.log under {args.log_dir}/<role>/, "
+            f"process output (export warnings too) in {args.log_dir}/api.out and engine.out",
+            flush=True,
+        )
         while not stop.wait(0.5):
             dead = [role for role, p in stack.procs.items() if p.poll() is not None]
             if dead:
@@ -149,7 +173,9 @@ def check_config(_: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fastdeploy-otel", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="fastdeploy-otel", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="run the traced stack on a demo workload and leave its artefacts")
     d.add_argument("--out", default="demo-out", help="where to leave trace.log, spans.jsonl, timeline.html")

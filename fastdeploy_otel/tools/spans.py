@@ -11,8 +11,9 @@ import base64
 import binascii
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from google.protobuf.json_format import ParseDict, ParseError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -71,22 +72,26 @@ def decode_request(req: ExportTraceServiceRequest) -> list[Span]:
         resource = _attrs(rs.resource.attributes)
         for ss in rs.scope_spans:
             for s in ss.spans:
-                spans.append(Span(
-                    name=s.name,
-                    trace_id=s.trace_id.hex(),
-                    span_id=s.span_id.hex(),
-                    parent_span_id=s.parent_span_id.hex(),
-                    start_ns=s.start_time_unix_nano,
-                    end_ns=s.end_time_unix_nano,
-                    attributes=_attrs(s.attributes),
-                    events=[{"name": e.name, "time_ns": e.time_unix_nano, "attributes": _attrs(e.attributes)}
-                            for e in s.events],
-                    status_code=s.status.code,
-                    status_message=s.status.message,
-                    resource=resource,
-                    kind=s.kind,
-                    scope=ss.scope.name,
-                ))
+                spans.append(
+                    Span(
+                        name=s.name,
+                        trace_id=s.trace_id.hex(),
+                        span_id=s.span_id.hex(),
+                        parent_span_id=s.parent_span_id.hex(),
+                        start_ns=s.start_time_unix_nano,
+                        end_ns=s.end_time_unix_nano,
+                        attributes=_attrs(s.attributes),
+                        events=[
+                            {"name": e.name, "time_ns": e.time_unix_nano, "attributes": _attrs(e.attributes)}
+                            for e in s.events
+                        ],
+                        status_code=s.status.code,
+                        status_message=s.status.message,
+                        resource=resource,
+                        kind=s.kind,
+                        scope=ss.scope.name,
+                    )
+                )
     return spans
 
 

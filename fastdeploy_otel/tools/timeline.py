@@ -15,16 +15,17 @@ Every string taken from the spans is escaped: request ids and attribute values c
 from __future__ import annotations
 
 import html
-from importlib import resources
 import math
 import os
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from importlib import resources
+from typing import Any
 
 from .. import attributes as A
-from .spans import STATUS_ERROR, Span, read_spans
 from ..span_plan import PLAN, REQUEST_SPAN_NAME, STAGE_ORDER
+from .spans import STATUS_ERROR, Span, read_spans
 
 __all__ = ["format_summary", "render_html", "summarize", "write_html"]
 
@@ -390,25 +391,32 @@ def _asset(name: str) -> str:
     return resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
 
 
-
 def _legend() -> str:
     items = []
     for name in STAGE_ORDER:
-        items.append(f'<span class="it"><span class="sw" style="background:{STAGE_COLORS.get(name, "#e5e7eb")}"></span>{_e(name)}</span>')
+        items.append(
+            f'<span class="it"><span class="sw" style="background:{STAGE_COLORS.get(name, "#e5e7eb")}"></span>{_e(name)}</span>'
+        )
     for name in SUBSTAGE_ORDER:
         items.append(
             f'<span class="it"><span class="sw sub" style="background:{_color(name, SUBSTAGE_COLORS)}"></span>'
-            f'{_e(name.lower())}</span>'
+            f"{_e(name.lower())}</span>"
         )
     for name, (glyph, color, text) in MARKERS.items():
-        items.append(f'<span class="it" title="{_e(name)}"><span style="color:{color};font-size:13px">{glyph}</span>{_e(text)}</span>')
-    items.append('<span class="it"><span class="sw" style="outline:2px solid #dc2626;background:#fff"></span>error status</span>')
+        items.append(
+            f'<span class="it" title="{_e(name)}"><span style="color:{color};font-size:13px">{glyph}</span>{_e(text)}</span>'
+        )
+    items.append(
+        '<span class="it"><span class="sw" style="outline:2px solid #dc2626;background:#fff"></span>error status</span>'
+    )
     items.append(
         '<span class="it"><span class="sw" style="background:repeating-linear-gradient(135deg,#ffedd5 0 4px,#fff 4px 8px);'
         'border-color:#fb923c"></span>aborted request</span>'
     )
     items.append('<span class="it"><span class="sw" style="background:#f1f5f9"></span>request span</span>')
-    items.append('<span class="it"><span class="sw" style="height:3px;background:#475569"></span>HTTP server span</span>')
+    items.append(
+        '<span class="it"><span class="sw" style="height:3px;background:#475569"></span>HTTP server span</span>'
+    )
     return '<div class="legend">' + "".join(items) + "</div>"
 
 
@@ -450,36 +458,37 @@ def _row_html(row: Row, t0: int, total_ms: float) -> tuple[str, float]:
             f'title="{_e(title)}"></div>'
         )
     lane_of: dict[str, int] = {}
-    for s, lane in zip(stages, stage_lanes):
+    for s, lane in zip(stages, stage_lanes, strict=True):
         lane_of[s.span_id] = lane
         attrs = s.attributes
-        cls = ["b"]
+        classes = ["b"]
         if s.status_code == STATUS_ERROR:
-            cls.append("abt" if attrs.get(A.ABORTED) is True else "err")
+            classes.append("abt" if attrs.get(A.ABORTED) is True else "err")
         if attrs.get(A.IMPLICIT_START):
-            cls.append("imp")
+            classes.append("imp")
         color = _color(s.name, STAGE_COLORS)
         parts.append(
-            f'<div class="{" ".join(cls)}" {pos(s.start_ns, s.end_ns)};top:{stage_top + lane * lane_h}px;'
+            f'<div class="{" ".join(classes)}" {pos(s.start_ns, s.end_ns)};top:{stage_top + lane * lane_h}px;'
             f'height:{lane_h - 1}px;background:{color}" title="{_e(_span_title(s, origin, skip))}">{_e(s.name)}</div>'
         )
-    for s, lane in zip(subs, sub_lanes):
+    for s, lane in zip(subs, sub_lanes, strict=True):
         attrs = s.attributes
-        cls = ["b", "sub"]
+        classes = ["b", "sub"]
         if s.status_code == STATUS_ERROR:
-            cls.append("abt" if attrs.get(A.ABORTED) is True else "err")
+            classes.append("abt" if attrs.get(A.ABORTED) is True else "err")
         color = _color(s.name, SUBSTAGE_COLORS)
         parts.append(
-            f'<div class="{" ".join(cls)}" {pos(s.start_ns, s.end_ns)};top:{sub_top + lane * (sub_h + 1)}px;'
+            f'<div class="{" ".join(classes)}" {pos(s.start_ns, s.end_ns)};top:{sub_top + lane * (sub_h + 1)}px;'
             f'height:{sub_h}px;background:{color}" title="{_e(_span_title(s, origin, skip))}"></div>'
         )
     # Markers: on the stage lane of the span they belong to; the request span's on the first lane.
     stage_of_id = {s.span_id: s for s in stages}
     for s in row.spans:
-        lane = lane_of.get(s.span_id)
-        if lane is None:
+        found = lane_of.get(s.span_id)
+        if found is None:
             parent = stage_of_id.get(s.parent_span_id)
-            lane = lane_of.get(parent.span_id, 0) if parent is not None else 0
+            found = lane_of.get(parent.span_id, 0) if parent is not None else 0
+        lane = found
         for e in s.events:
             name = e.get("name", "")
             glyph, color, text = MARKERS.get(name, _OTHER_MARKER)
@@ -538,7 +547,11 @@ def render_html(spans: list[Span], title: str, max_rows: int = 5000) -> str:
         body_rows.append(h)
         rel.append(span_ms)
     total_r = max(max(rel, default=0.0), 1e-6)
-    shown = f"{len(rows)} of {total_rows} requests (limit {max_rows})" if total_rows > len(rows) else f"{len(rows)} requests"
+    shown = (
+        f"{len(rows)} of {total_rows} requests (limit {max_rows})"
+        if total_rows > len(rows)
+        else f"{len(rows)} requests"
+    )
     css = _asset("timeline.css").replace("LABEL_W", str(LABEL_W)).replace("TRACK_PAD", str(LABEL_W + 40))
     meta = f"{shown} \u00b7 {len(spans)} spans \u00b7 time span {_dur(total_a)}"
     if not rows:
@@ -546,10 +559,10 @@ def render_html(spans: list[Span], title: str, max_rows: int = 5000) -> str:
     else:
         body = "".join(body_rows)
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width,initial-scale=1">'
         f"<title>{_e(title)}</title><style>{css}</style></head><body>"
-        f"<header><h1>{_e(title)}</h1><div class=\"meta\">{_e(meta)}</div>"
+        f'<header><h1>{_e(title)}</h1><div class="meta">{_e(meta)}</div>'
         f'<details open><summary>Summary</summary><pre class="sum">{_e(format_summary(summary))}</pre></details>'
         f"{_legend()}"
         '<div class="controls">'
@@ -567,7 +580,9 @@ def render_html(spans: list[Span], title: str, max_rows: int = 5000) -> str:
     )
 
 
-def write_html(spans_path: str | os.PathLike[str], html_path: str | os.PathLike[str], title: str | None = None) -> dict[str, Any]:
+def write_html(
+    spans_path: str | os.PathLike[str], html_path: str | os.PathLike[str], title: str | None = None
+) -> dict[str, Any]:
     """Read an OTLP/JSON lines file, write its timeline page; returns summarize() of its spans."""
 
     spans = read_spans(spans_path)
