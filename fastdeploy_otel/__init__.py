@@ -11,6 +11,7 @@ fdt.shutdown()
 """
 
 from .api import (
+    RequestError,
     abort_request,
     configure,
     extract,
@@ -26,14 +27,17 @@ from .api import (
 )
 from .config import ConfigError, Settings
 from .events import EVENT_TO_STAGE_MAP, LoggingEventName, StageName, UnknownEventError
+from .version import __version__
 
 __all__ = [
-    "EVENT_TO_STAGE_MAP",
     "ConfigError",
+    "EVENT_TO_STAGE_MAP",
     "LoggingEventName",
+    "RequestError",
     "Settings",
     "StageName",
     "UnknownEventError",
+    "__version__",
     "abort_request",
     "configure",
     "extract",

@@ -39,6 +39,7 @@ from ._channel import ExportChannel
 from ._limits import Limits, limit_attributes
 from ._records import SpanState
 from .config import DEFAULT_SERVICE_NAME, Settings
+from .version import __version__
 
 SCOPE = "fastdeploy_otel"
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
@@ -201,7 +202,7 @@ class OtelSink:
         self.channels.extend(ExportChannel(x, type(x).__name__, **options) for x in extra_exporters)
         for channel in self.channels:
             self.provider.add_span_processor(channel)
-        self._scope = InstrumentationScope(SCOPE)
+        self._scope = InstrumentationScope(SCOPE, __version__)
         self._ids = _PresetIds()
         self.tracer = self._preset_tracer()
         self.sampler = self.provider.sampler
