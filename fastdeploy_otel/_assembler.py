@@ -17,12 +17,14 @@ from typing import Any, NamedTuple
 from opentelemetry import trace
 from opentelemetry.context import Context
 
-from . import _selflog as selflog
 from . import attributes as A
 from ._propagation import Carried, CarrierError, HandedSpan, decode, encode
 from ._records import ABORT, ERROR, EVENT, EXTRACT, FINISH, ErrorLog, MirrorRecord, Record, SpanState
+from ._selflog import get_logger
 from .events import EVENT_TO_STAGE_MAP, LoggingEventName
 from .span_plan import CROSS_PROCESS_STAGES, PLAN, REQUEST_SPAN_NAME, STAGE_ORDER, Action
+
+logger = get_logger(__name__)
 
 # A generator of our own, seeded from the OS: immune to random.seed() in the application (vLLM
 # #10447) and, re-seeded in a forked child, never repeating the parent's ids.
@@ -386,7 +388,7 @@ class Assembler:
             carried: Carried | None = decode(carrier)
         except CarrierError as exc:
             self.counters["bad_carriers"] += 1
-            selflog.report("bad-carrier", "extract(%r): ignoring a bad trace carrier: %s", rid[:64], exc)
+            logger.warning("extract(%r): ignoring a bad trace carrier: %s", rid[:64], exc)
             carried = None
         req = self.requests.get(rid)
         if req is None:
@@ -400,7 +402,7 @@ class Assembler:
             return
         if carried.trace_id != req.trace_id:
             self.counters["bad_carriers"] += 1
-            selflog.report("carrier-trace", "extract(%r): carrier belongs to another trace; ignored", rid[:64])
+            logger.warning("extract(%r): carrier belongs to another trace; ignored", rid[:64])
             return
         for h in carried.stages:
             if h.name in req.open:

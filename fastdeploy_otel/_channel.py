@@ -11,7 +11,6 @@ It stands where the SDK's BatchSpanProcessor would, with what a serving process 
 from __future__ import annotations
 
 import collections
-import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -20,10 +19,10 @@ from typing import Any, Generic, TypeVar
 from opentelemetry.sdk.trace import SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExportResult
 
-from . import _selflog as selflog
 from ._limits import shrink, span_size
+from ._selflog import get_logger
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 T = TypeVar("T")
 
@@ -85,9 +84,8 @@ class ExportChannel(SpanProcessor, Generic[T]):
         q = self._queue
         if len(q) >= self._max_queue or self._closing:
             self.dropped += 1
-            selflog.report(
-                "queue-full:" + self.target,
-                "fastdeploy_otel: export queue for %s is full (%d spans); dropping spans (counted)",
+            logger.warning(
+                "export queue for %s is full (%d spans); dropping spans (counted)",
                 self.target,
                 self._max_queue,
             )
@@ -192,9 +190,8 @@ class ExportChannel(SpanProcessor, Generic[T]):
                     item = shrink(item, self._max_span_bytes)  # type: ignore[arg-type,assignment]
                     n = span_size(item)  # type: ignore[arg-type]
                     self.truncated += 1
-                    selflog.report(
-                        "truncated",
-                        "fastdeploy_otel: a span of about %d bytes was shrunk to fit an "
+                    logger.warning(
+                        "a span of about %d bytes was shrunk to fit an "
                         "export message (attribute values cut; marked fastdeploy.truncated)",
                         n,
                     )
@@ -211,9 +208,8 @@ class ExportChannel(SpanProcessor, Generic[T]):
         try:
             result = self._export_fn(batch)
         except Exception:  # an exporter bug must not kill the export thread
-            selflog.report(
-                "export-crash:" + self.target,
-                "fastdeploy_otel: exporter for %s raised; spans dropped",
+            logger.warning(
+                "exporter for %s raised; spans dropped",
                 self.target,
                 exc_info=True,
             )

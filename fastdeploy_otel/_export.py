@@ -33,13 +33,15 @@ from opentelemetry.sdk.trace.sampling import (
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
-from . import _selflog as selflog
 from ._channel import THREAD_PREFIX as _THREAD_PREFIX
 from ._channel import ExportChannel
 from ._limits import Limits, limit_attributes
 from ._records import SpanState
+from ._selflog import get_logger
 from .config import DEFAULT_SERVICE_NAME, Settings
 from .version import __version__
+
+logger = get_logger(__name__)
 
 SCOPE = "fastdeploy_otel"
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
@@ -78,9 +80,7 @@ class _RateLimitFilter(logging.Filter):
         if not record.threadName or not record.threadName.startswith(_THREAD_PREFIX):
             return True
         if record.levelno >= logging.WARNING:
-            selflog.report(
-                "otel-sdk:" + record.name, "OpenTelemetry SDK: %s", record.getMessage(), level=record.levelno
-            )
+            logger.log(record.levelno, "OpenTelemetry SDK: %s", record.getMessage())
         return False
 
 
@@ -259,7 +259,7 @@ class OtelSink:
             try:
                 self.build(span)
             except Exception:
-                selflog.report("build", "fastdeploy_otel: building span %s failed; dropped", span.name, exc_info=True)
+                logger.warning("building span %s failed; dropped", span.name, exc_info=True)
 
     def build(self, s: SpanState) -> None:
         if s.exceptions:  # through the SDK, so that span.record_exception makes the exception events
@@ -297,7 +297,7 @@ class OtelSink:
                 self._replay(s)
                 self.built += 1
             except Exception:
-                selflog.report("build", "fastdeploy_otel: building span %s failed; dropped", s.name, exc_info=True)
+                logger.warning("building span %s failed; dropped", s.name, exc_info=True)
         return SpanExportResult.SUCCESS
 
     def _replay(self, s: SpanState) -> None:

@@ -19,7 +19,9 @@ import sys
 import threading
 import time
 
-logger = logging.getLogger(__name__)
+from ._selflog import get_logger
+
+logger = get_logger(__name__)
 
 _DATE_SUFFIX = re.compile(r"^\.\d{4}-\d\d-\d\d$")
 _OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
@@ -36,10 +38,10 @@ def say(message: str) -> None:
 
     Without handlers of the application's own, logging's last resort already prints to stderr.
     """
-    logger.error(message)
+    logger.error(message.replace("%", "%%"))
     if logger.hasHandlers() and not _reaches_stderr(logger):
         try:
-            sys.stderr.write(message + "\n")
+            sys.stderr.write(f"fastdeploy_otel: {message}\n")
             sys.stderr.flush()
         except (OSError, ValueError, AttributeError):  # stderr closed or gone: nothing more to try
             pass
@@ -110,7 +112,7 @@ class DatedFile:
             if self._failing:
                 self._failing = False
                 say(
-                    f"fastdeploy_otel: writing {self.path} recovered; "
+                    f"writing {self.path} recovered; "
                     f"{self._failed_since} lines were lost while it failed"
                 )
             return lines
@@ -123,7 +125,7 @@ class DatedFile:
             self._failing = True
             self._failed_since = 0
             say(
-                f"fastdeploy_otel: writing {self.path} failed ({exc.strerror or exc}); "
+                f"writing {self.path} failed ({exc.strerror or exc}); "
                 "lines are dropped and counted until it recovers (serving is not affected)"
             )
         self._failed_since += lost

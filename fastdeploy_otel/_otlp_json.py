@@ -24,7 +24,9 @@ from typing import Any
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-from . import _selflog as selflog
+from ._selflog import get_logger
+
+logger = get_logger(__name__)
 
 __all__ = ["OtlpJsonLinesExporter", "encode_json_line"]
 
@@ -100,9 +102,8 @@ class OtlpJsonLinesExporter(SpanExporter):
                 self.failed += len(spans)
                 if not self._failing:
                     self._failing = True
-                    selflog.report(
-                        "otlp-json:" + self.path,
-                        "fastdeploy_otel: writing spans to %s failed (%s: %s); spans are dropped and counted",
+                    logger.warning(
+                        "writing spans to %s failed (%s: %s); spans are dropped and counted",
                         self.path,
                         type(exc).__name__,
                         exc,
@@ -110,7 +111,7 @@ class OtlpJsonLinesExporter(SpanExporter):
                 return SpanExportResult.FAILURE
             if self._failing:
                 self._failing = False
-                selflog.logger.log(logging.WARNING, "fastdeploy_otel: writing spans to %s works again", self.path)
+                logger.log(logging.WARNING, "writing spans to %s works again", self.path)
             self.exported += len(spans)
             return SpanExportResult.SUCCESS
 

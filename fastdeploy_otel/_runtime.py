@@ -16,13 +16,15 @@ from typing import Any
 
 from opentelemetry.sdk.trace.export import SpanExporter
 
-from . import _selflog as selflog
 from ._assembler import Assembler
 from ._errorlog import ErrorLogFile
+from ._selflog import get_logger
 from .attributes import text
 from .config import Settings
 from .events import parse_event
 from .mirror import TraceLogMirror
+
+logger = get_logger(__name__)
 
 
 class Runtime:
@@ -57,9 +59,7 @@ class Runtime:
 
                 self.sink = OtelSink(settings, extra_exporters)
             except Exception:
-                selflog.logger.exception(
-                    "fastdeploy_otel: OTLP export could not be set up; tracing continues without it"
-                )
+                logger.exception("OTLP export could not be set up; tracing continues without it")
         sampler = self.sink.should_sample if self.sink is not None else (lambda ctx, trace_id: True)
         self.assembler = Assembler(
             sampler, settings.capture_content, settings.max_requests, int(settings.request_ttl_s * 1e9)
@@ -95,9 +95,7 @@ class Runtime:
                 handle(rec)
             except Exception:
                 self.counters["record_failures"] += 1
-                selflog.report(
-                    "record", "fastdeploy_otel: a trace record could not be processed; dropped", exc_info=True
-                )
+                logger.warning("a trace record could not be processed; dropped", exc_info=True)
 
     def flush(self, final_reason: str | None = None) -> None:
         """Records to spans, lines and error records, all written or queued; never waits on the network."""
@@ -114,7 +112,7 @@ class Runtime:
                     spans, lines, errors = self.assembler.take()
                 self._ship(spans, lines, errors)
         except Exception:
-            selflog.report("flush", "fastdeploy_otel: flushing traces failed", exc_info=True)
+            logger.warning("flushing traces failed", exc_info=True)
 
     def _ship(self, spans: list, lines: list, errors: list) -> None:
         """Errors first (the rarest and most wanted), then the mirror, then the spans; each guarded."""
@@ -129,7 +127,7 @@ class Runtime:
             try:
                 write(items)
             except Exception:
-                selflog.report(step, "fastdeploy_otel: %s failed for a batch", step, exc_info=True)
+                logger.warning("%s failed for a batch", step, exc_info=True)
 
     def close(self, timeout_s: float) -> None:
         """Stop within `timeout_s`: files first (local, quick), then whatever export can do in the rest."""
@@ -143,11 +141,11 @@ class Runtime:
                 lost = self.sink.shutdown(deadline)
             except Exception:
                 lost = 0
-                selflog.logger.exception("fastdeploy_otel: stopping export failed")
+                logger.exception("stopping export failed")
             if lost:
                 where = "their events are in trace.log" if self.mirror is not None else "they are lost (FD_TRACE=otel)"
-                selflog.logger.error(
-                    "fastdeploy_otel: %d spans could not be exported within the %gs shutdown deadline "
+                logger.error(
+                    "%d spans could not be exported within the %gs shutdown deadline "
                     "(FD_TRACE_SHUTDOWN_TIMEOUT_MS); %s",
                     lost,
                     timeout_s,
@@ -173,10 +171,8 @@ class Runtime:
         if self.settings.strict:
             parse_event(event)  # raises UnknownEventError with the accepted names
         self.count("unknown_events")
-        selflog.report("unknown-event", "fastdeploy_otel: dropped unknown trace event %r (counted)", text(event)[:64])
+        logger.warning("dropped unknown trace event %r (counted)", text(event)[:64])
 
     def full(self) -> None:
         self.count("dropped_queue_full")
-        selflog.report(
-            "queue-full", "fastdeploy_otel: %d trace events pending; dropping new ones (counted)", self.max_pending
-        )
+        logger.warning("%d trace events pending; dropping new ones (counted)", self.max_pending)

@@ -1,4 +1,10 @@
-"""Reporting failures inside tracing itself: logged, rate-limited, never raised into serving."""
+"""Self-diagnostics, the SDK way: a logger per module (``get_logger(__name__)``), all under the
+``fastdeploy_otel`` package logger, each with one shared rate limit.
+
+Failures inside tracing are logged, never raised into serving.  The same message template from the
+same module is passed at most once a minute; the next one that passes says how many were held back.
+``configure()`` resets the limit, so a new setup reports afresh.
+"""
 
 from __future__ import annotations
 
@@ -6,31 +12,49 @@ import logging
 import threading
 import time
 
-logger = logging.getLogger("fastdeploy_otel")
-
-_INTERVAL_S = 60.0
-_lock = threading.Lock()
-_last: dict[str, float] = {}
-_suppressed: dict[str, int] = {}
+INTERVAL_S = 60.0
 
 
-def report(key: str, msg: str, *args: object, level: int = logging.WARNING, exc_info: bool = False) -> None:
-    """Log `msg` at most once a minute per `key`, saying how many repeats were held back."""
-    now = time.monotonic()
-    with _lock:
-        last = _last.get(key)
-        if last is not None and now - last < _INTERVAL_S:
-            _suppressed[key] = _suppressed.get(key, 0) + 1
-            return
-        _last[key] = now
-        held = _suppressed.pop(key, 0)
-    if held:
-        msg += f" ({held} similar messages suppressed in the last {int(_INTERVAL_S)}s)"
-    logger.log(level, msg, *args, exc_info=exc_info)
+class RateLimit(logging.Filter):
+    """Passes a (logger, template) pair at most once per INTERVAL_S; counts what it holds back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._last: dict[tuple[str, str], float] = {}
+        self._held: dict[tuple[str, str], int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, str(record.msg))
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last < INTERVAL_S:
+                self._held[key] = self._held.get(key, 0) + 1
+                return False
+            self._last[key] = now
+            held = self._held.pop(key, 0)
+        if held:
+            record.msg = f"{record.msg} ({held} similar messages suppressed in the last {int(INTERVAL_S)}s)"
+        return True
+
+    def reset(self) -> None:
+        with self._lock:
+            self._last.clear()
+            self._held.clear()
+
+
+_limit = RateLimit()
+
+
+def get_logger(name: str) -> logging.Logger:
+    """The module's logger, rate-limited."""
+    logger = logging.getLogger(name)
+    if _limit not in logger.filters:
+        logger.addFilter(_limit)
+    return logger
 
 
 def reset() -> None:
-    """Forget what was reported (configure() calls this, so a new setup reports afresh)."""
-    with _lock:
-        _last.clear()
-        _suppressed.clear()
+    """Forget what was reported (configure() calls this)."""
+    _limit.reset()

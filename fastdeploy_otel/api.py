@@ -18,12 +18,15 @@ from opentelemetry.context import get_current
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter
 
-from . import _selflog as selflog
 from ._records import ABORT, ERROR, EVENT, EXTRACT, FINISH
 from ._runtime import Runtime
+from ._selflog import get_logger
+from ._selflog import reset as reset_log_limits
 from .attributes import text
 from .config import Settings, load_settings
 from .events import _LOOKUP, LoggingEventName
+
+logger = get_logger(__name__)
 
 _time_ns = time.time_ns
 _current_thread = threading.current_thread
@@ -120,9 +123,8 @@ def inject(request_id: str) -> dict[str, str]:
     try:
         return rt.inject(request_id)
     except Exception:
-        selflog.report(
-            "inject",
-            "fastdeploy_otel: inject(%r) failed; the request continues untraced downstream",
+        logger.warning(
+            "inject(%r) failed; the request continues untraced downstream",
             str(request_id)[:64],
             exc_info=True,
         )
@@ -139,7 +141,7 @@ def extract(request_id: str, carrier: Mapping[str, str] | None) -> None:
         rt = _runtime
         if rt is not None:
             rt.count("bad_carriers_at_call")
-            selflog.report("bad-carrier", "fastdeploy_otel: extract() got a carrier that cannot be read; ignored")
+            logger.warning("extract() got a carrier that cannot be read; ignored")
         return
     _enqueue(EXTRACT, request_id, copy)
 
@@ -162,11 +164,11 @@ def configure(
     global _runtime
     with _configure_lock:
         settings, problems = load_settings(env, **overrides)
-        for problem in problems:
-            if strict_config:
-                raise problem
-            selflog.logger.error("fastdeploy_otel: %s; using the default", problem)
-        selflog.reset()
+        if strict_config and problems:
+            raise problems[0]
+        reset_log_limits()
+        for problem in problems:  # each its own template, so that none holds back another
+            logger.error(str(problem).replace("%", "%%") + "; using the default")
         old = _runtime
         new = None
         if settings.mode != "off":

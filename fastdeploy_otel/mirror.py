@@ -17,10 +17,12 @@ import os
 import re
 import time
 
-from . import _selflog as selflog
 from ._logfile import DatedFile
 from ._records import MirrorRecord
+from ._selflog import get_logger
 from .attributes import text as _text
+
+logger = get_logger(__name__)
 
 MAX_VALUE_LEN = 256
 
@@ -144,7 +146,7 @@ class TraceLogMirror:
         try:
             return self._format(record)
         except Exception:  # one bad record must not cost the batch
-            selflog.report("mirror-format", "trace.log mirror: a line could not be formatted", exc_info=True)
+            logger.warning("a trace.log line could not be formatted; written with its values as text", exc_info=True)
             return self._format(
                 record._replace(
                     user=_text(record.user),
