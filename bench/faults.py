@@ -1,6 +1,6 @@
 """Figures for docs/RELIABILITY.md: the library against a collector that refuses, hangs, answers
 503/429 or is slow, over gRPC and HTTP.  ``python -m bench.faults`` prints the table;
-tests/test_faults.py runs the same scenarios and asserts on them.
+tests/test_channel.py runs the same scenarios and asserts on them.
 """
 
 from __future__ import annotations

@@ -1,12 +1,13 @@
+"""Fixtures: a real OTLP receiver, a configure() against it, and an in-memory exporter."""
+
 from __future__ import annotations
 
-import os
 from typing import Iterator
 
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import fastdeploy_otel as fdt
-from fastdeploy_otel.mirror import parse_line
 from tests.support.receiver import OtlpReceiver
 
 
@@ -35,12 +36,11 @@ def traced(tmp_path, receiver):
     fdt.shutdown()
 
 
-def read_mirror(log_dir: str) -> list[dict[str, str]]:
-    path = os.path.join(log_dir, "trace.log")
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    parsed = [parse_line(line) for line in lines]
-    assert all(p is not None for p in parsed), [l for l, p in zip(lines, parsed) if p is None]
-    return parsed  # type: ignore[return-value]
+@pytest.fixture
+def memory(tmp_path) -> Iterator[InMemorySpanExporter]:
+    """configure() with spans kept in memory (no wire); ``fdt.flush()`` then ``memory.get_finished_spans()``."""
+    exporter = InMemorySpanExporter()
+    fdt.configure(env={}, mode="all", exporter="none", log_dir=str(tmp_path / "log"), strict=True,
+                  flush_interval_s=0.05, extra_exporters=[exporter])
+    yield exporter
+    fdt.shutdown()

@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from fastdeploy_otel.mirror import parse_line
-from fastdeploy_otel.tools.spans import read_spans
 from fastdeploy_otel.span_plan import REQUEST_SPAN_NAME
+from fastdeploy_otel.tools.spans import read_spans
 
 pytest.importorskip("paddle")
 from minifd.stack import free_port  # noqa: E402

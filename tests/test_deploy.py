@@ -9,9 +9,9 @@ everywhere with ``fastdeploy_otel.config``.
 
 from __future__ import annotations
 
-import os
 import copy
 import json
+import os
 import re
 import shutil
 import subprocess

@@ -9,10 +9,10 @@ import httpx
 import pytest
 
 from fastdeploy_otel import attributes as A
-from fastdeploy_otel.events import EVENT_TO_STAGE_MAP, LoggingEventName as E
+from fastdeploy_otel.events import EVENT_TO_STAGE_MAP
+from fastdeploy_otel.events import LoggingEventName as E
 from fastdeploy_otel.span_plan import PLAN, REQUEST_SPAN_NAME
-
-from .conftest import read_mirror
+from tests.support.helpers import read_mirror
 
 pytest.importorskip("paddle")
 from minifd.stack import Stack  # noqa: E402

@@ -22,14 +22,14 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 import fastdeploy_otel as fdt
-from fastdeploy_otel import attributes as A
 from fastdeploy_otel import _selflog as selflog
-from fastdeploy_otel.events import LoggingEventName as E
-from tests.support.lifecycles import MIXED
+from fastdeploy_otel import attributes as A
 from fastdeploy_otel._otlp_json import OtlpJsonLinesExporter
-from fastdeploy_otel.tools.spans import Span, read_spans
+from fastdeploy_otel.events import LoggingEventName as E
 from fastdeploy_otel.span_plan import REQUEST_SPAN_NAME
+from fastdeploy_otel.tools.spans import Span, read_spans
 from fastdeploy_otel.tools.timeline import format_summary, group_requests, render_html, summarize, write_html
+from tests.support.lifecycles import MIXED
 
 HOSTILE = "<script>alert(1)</script>"
 HTTP_SPAN = "POST /v1/chat/completions"

@@ -19,8 +19,6 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from fastdeploy_otel.tools.spans import Span, count_spans, decode_request
 
 
-
-
 class SpanStore:
     """Received spans, decoded into Span objects (fastdeploy_otel.tools.spans); with keep=False only counted (a cheap sink
     for load tests: the protobuf is still parsed, no Python object is built per span)."""

@@ -14,8 +14,8 @@ import pytest
 
 import fastdeploy_otel as fdt
 from fastdeploy_otel._errorlog import CONTINUATION
-from fastdeploy_otel.events import LoggingEventName as E
 from fastdeploy_otel._logfile import DatedFile
+from fastdeploy_otel.events import LoggingEventName as E
 from fastdeploy_otel.mirror import parse_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,23 +1,16 @@
-"""Crossing a real OS process boundary, OTLP/HTTP export, and configuration."""
+"""Crossing real OS process boundaries: carriers, PD instances, HTTP callers, bad carriers."""
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
-import subprocess
-import sys
-import textwrap
-
-import pytest
 
 import fastdeploy_otel as fdt
 from fastdeploy_otel import attributes as A
-from fastdeploy_otel.config import ConfigError, load_settings
 from fastdeploy_otel.events import LoggingEventName as E
-from tests.support.lifecycles import MIXED
 from fastdeploy_otel.span_plan import REQUEST_SPAN_NAME
-
-from .conftest import read_mirror
+from tests.support.helpers import read_mirror
+from tests.support.lifecycles import MIXED
 
 
 def _engine(endpoint: str, log_dir: str, carrier: dict, out, rid: str = "xp_0", role: str = "mixed") -> None:
@@ -108,8 +101,8 @@ def test_pd_prefill_and_decode_instances_in_real_processes_share_one_trace(trace
 def test_http_continues_a_callers_traceparent(traced, receiver):
     traced(protocol="http/protobuf", endpoint=receiver.http_endpoint)
     caller_trace, caller_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
-    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
     from opentelemetry import context
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
     ctx = TraceContextTextMapPropagator().extract({"traceparent": f"00-{caller_trace}-{caller_span}-01"})
     token = context.attach(ctx)
@@ -139,96 +132,6 @@ def test_malformed_carrier_degrades_and_is_counted(traced, receiver, caplog):
     assert len([r for r in caplog.records if "bad trace carrier" in r.getMessage()]) == 1
     spans = receiver.store.wait_for(lambda s: any(x.name == "PREPROCESSING" for x in s))
     assert spans  # the request is still traced
-
-
-def test_bad_env_value_is_one_clear_message_naming_the_variable(caplog):
-    caplog.set_level(logging.ERROR, logger="fastdeploy_otel")
-    env = {"FD_TRACE": "verbose", "OTEL_TRACES_SAMPLER_ARG": "2", "OTEL_TRACES_SAMPLER": "traceidratio"}
-    settings, errors = load_settings(env)
-    assert settings.mode == "local" and settings.sampler_arg == 1.0  # defaults kept
-    text = " | ".join(map(str, errors))
-    assert "FD_TRACE='verbose'" in text and "off, local, otel, all" in text
-    assert "OTEL_TRACES_SAMPLER_ARG" in text
-    with pytest.raises(ConfigError, match="FD_TRACE"):
-        fdt.configure(env={"FD_TRACE": "verbose"}, strict_config=True)
-    fdt.configure(env={"FD_TRACE": "verbose", "FD_LOG_DIR": "/tmp/fdotel-badenv"})
-    fdt.shutdown()
-    msgs = [r.getMessage() for r in caplog.records]
-    assert sum("FD_TRACE" in m for m in msgs) == 1
-    assert not any("Traceback" in m for m in msgs)
-
-
-def test_headers_are_never_logged_or_printed(caplog):
-    caplog.set_level(logging.DEBUG)
-    secret = "Bearer s3cr3t-token"
-    settings, errors = load_settings({"OTEL_EXPORTER_OTLP_HEADERS": f"authorization={secret}", "FD_TRACE": "otel"})
-    assert settings.headers == {"authorization": secret}
-    assert secret not in repr(settings)
-    _, errors = load_settings({"OTEL_EXPORTER_OTLP_HEADERS": f"{secret}"})
-    assert errors and secret not in str(errors[0]) and "OTEL_EXPORTER_OTLP_HEADERS" in str(errors[0])
-    fdt.configure(env={"OTEL_EXPORTER_OTLP_HEADERS": f"authorization={secret}", "FD_TRACE": "otel",
-                       "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9", "OTEL_EXPORTER_OTLP_TIMEOUT": "200",
-                       "FD_LOG_DIR": "/tmp/fdotel-headers"})
-    fdt.trace_print(E.PREPROCESSING_START, "h")
-    fdt.finish_request("h")
-    fdt.flush()
-    fdt.shutdown()
-    assert not any(secret in r.getMessage() for r in caplog.records)
-
-
-def test_explicit_arguments_win_over_the_environment():
-    settings, _ = load_settings({"FD_TRACE": "otel", "FD_LOG_DIR": "/env", "OTEL_SERVICE_NAME": "env-svc"},
-                                mode="local", log_dir="/arg")
-    assert (settings.mode, settings.log_dir, settings.service_name) == ("local", "/arg", "env-svc")
-    settings, _ = load_settings({"FD_SERVICE_NAME": "fd-svc"})
-    assert settings.service_name == "fd-svc"
-    settings, _ = load_settings({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317"})
-    assert settings.mode == "all"  # an endpoint turns export on when FD_TRACE is unset
-    settings, _ = load_settings({"OTEL_SDK_DISABLED": "true", "FD_TRACE": "all"})
-    assert settings.mode == "local"
-    settings, _ = load_settings({"FD_TRACE_JSON_FILE": "/tmp/spans.jsonl"})
-    assert (settings.mode, settings.exporter) == ("all", "none")  # spans to the file; no dialling localhost
-
-
-def test_attaches_to_an_existing_tracer_provider(receiver, tmp_path):
-    """Under `opentelemetry-instrument` the app owns the provider: spans go through its pipeline."""
-    script = textwrap.dedent(f"""
-        from opentelemetry import trace
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-        import fastdeploy_otel as fdt
-        mem = InMemorySpanExporter()
-        app = TracerProvider()
-        app.add_span_processor(SimpleSpanProcessor(mem))
-        trace.set_tracer_provider(app)
-        fdt.configure(mode="all", log_dir={str(tmp_path)!r}, env={{}}, endpoint="http://127.0.0.1:9")
-        assert fdt.get_tracer_provider() is app
-        fdt.trace_print("PREPROCESSING_START", "a")
-        fdt.trace_print("PREPROCESSING_END", "a")
-        fdt.finish_request("a")
-        fdt.shutdown()
-        names = sorted(s.name for s in mem.get_finished_spans())
-        assert names == ["PREPROCESSING", "fastdeploy.request"], names
-        assert app.id_generator.__class__.__name__ == "RandomIdGenerator"
-        print("OK")
-    """)
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert res.returncode == 0 and "OK" in res.stdout, res.stderr
-
-
-def test_instrumentor_switches_tracing_on_and_off(tmp_path):
-    from fastdeploy_otel.instrumentor import FastDeployInstrumentor
-
-    inst = FastDeployInstrumentor()
-    inst.instrument(mode="local", log_dir=str(tmp_path), env={})
-    try:
-        assert fdt.settings() is not None and fdt.settings().mode == "local"
-        fdt.trace_print(E.PREPROCESSING_START, "inst")
-    finally:
-        inst.uninstrument()
-    assert fdt.settings() is None
-    assert "[event=PREPROCESSING_START]" in (tmp_path / "trace.log").read_text()  # flushed on uninstrument
 
 
 def test_carriers_that_parse_but_cannot_be_exported_are_rejected(traced, receiver):
@@ -267,18 +170,3 @@ def test_malformed_carrier_under_an_http_span_keeps_the_http_parent(traced, rece
     spans = receiver.store.wait_for(lambda s: any(x.name == REQUEST_SPAN_NAME for x in s))
     root = [s for s in spans if s.name == REQUEST_SPAN_NAME][0]
     assert root.trace_id == "c" * 32 and root.parent_span_id == "d" * 16
-
-
-def test_otlp_headers_are_percent_decoded_as_the_spec_says():
-    settings, errors = load_settings({"OTEL_EXPORTER_OTLP_HEADERS": "Authorization=Bearer%20s3cr3t,x-tenant=a%2Cb"})
-    assert not errors and settings.headers == {"authorization": "Bearer s3cr3t", "x-tenant": "a,b"}
-
-
-def test_otlp_http_endpoints_follow_the_spec():
-    http = {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
-    base, _ = load_settings({**http, "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"})
-    full, _ = load_settings({**http, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/custom"})
-    grpc, _ = load_settings({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317"})
-    assert base.endpoint == "http://c:4318/v1/traces"  # the generic endpoint gets the signal path
-    assert full.endpoint == "http://c:4318/custom"  # the signal-specific one is used as it is
-    assert grpc.endpoint == "http://c:4317"

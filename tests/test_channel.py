@@ -1,32 +1,25 @@
-"""The library under faults that production meets: a collector that refuses, hangs, answers 503/429
-or is slow; bursts; hostile values; configure() under load.  Real receivers on 127.0.0.1 throughout.
-
-Rotation across midnight and full or read-only disks are in test_logfiles.py.
-"""
+"""The export channel under faults production meets: a collector that refuses, hangs, answers
+503/429 or is slow, over gRPC and HTTP; bursts; huge values; the OTel limits."""
 
 from __future__ import annotations
 
 import logging
-import os
-import threading
 import time
 
 import pytest
 
 import fastdeploy_otel as fdt
+from bench.faults import FAULTS, collector_run, run_request
 from fastdeploy_otel import api
-from fastdeploy_otel._errorlog import CONTINUATION
-from fastdeploy_otel.events import LoggingEventName as E
-from tests.support.lifecycles import MIXED
 from fastdeploy_otel._limits import TRUNCATED
-from fastdeploy_otel.mirror import LINE_RE
+from fastdeploy_otel.events import LoggingEventName as E
+from tests.support.helpers import read_mirror
+from tests.support.lifecycles import MIXED
 from tests.support.receiver import BlackHole, OtlpReceiver
 
-from bench.faults import FAULTS, collector_run, run_request
-
-from .conftest import read_mirror
-
 DEADLINE_S = 2.0  # the suite's shutdown deadline (the 5 s default has a test of its own)
+
+
 SPANS_PER_REQUEST = 10  # MIXED: the request span, 5 stages, 4 sub-stages
 
 
@@ -136,109 +129,6 @@ def test_otel_limits_apply_to_the_spans_we_hand_over(tmp_path, receiver):
     assert len(sched.events) == 2
     assert len(sched.attributes) <= 5
     assert all(len(v) <= 10 for v in sched.attributes.values() if isinstance(v, str))
-
-
-FORGED_HEAD = "ERROR    2026-01-01 00:00:00,000 1 x.py[line:1] request[FORGED] failed: X: y [request_id=FORGED]"
-
-
-def test_no_client_value_can_start_a_line_in_trace_log_or_error_log(tmp_path):
-    log_dir = str(tmp_path / "log")
-    fdt.configure(env={}, mode="local", log_dir=log_dir)
-    hostile = ["r\n" + FORGED_HEAD, "r\r\nINFO     forged", "r\u2028x", "r\x85y", "r]\n[event=X] ", "r\x00\x1b[31m"]
-    for i, rid in enumerate(hostile):
-        fdt.trace_print(E.PREPROCESSING_START, rid, "user\n" + FORGED_HEAD)
-        try:
-            raise ValueError(f"bad\n{FORGED_HEAD}\n\u2028{FORGED_HEAD}")
-        except ValueError as exc:
-            fdt.record_error(rid, exc)
-        fdt.record_error(rid, "plain text\n" + FORGED_HEAD)
-    st = fdt.shutdown()
-    with open(os.path.join(log_dir, "trace.log"), encoding="utf-8") as f:
-        trace_lines = f.read().split("\n")[:-1]
-    assert len(trace_lines) == len(hostile) and all(LINE_RE.match(x) for x in trace_lines)
-    with open(os.path.join(log_dir, "error.log"), encoding="utf-8") as f:
-        text = f.read()
-    lines = text.split("\n")[:-1]
-    heads = [x for x in lines if not x.startswith(CONTINUATION)]
-    assert len(heads) == 2 * len(hostile) and st["error_log_lines"] == len(lines)
-    assert all(x.startswith("ERROR    ") and "request[FORGED]" not in x.split(" failed:")[0] for x in heads)
-    for sep in ("\r", "\u2028", "\x85", "\x0b", "\x0c"):
-        assert sep not in text  # nothing else a reader may take for a line break
-    assert "RequestError: plain text\\x0aERROR" in text  # record_error(rid, "text") is recorded, escaped
-
-
-class _Hostile:
-    """Everything Python may call on it raises."""
-
-    def __str__(self) -> str:
-        raise RuntimeError("str")
-
-    __repr__ = __str__
-
-    def __hash__(self) -> int:
-        raise RuntimeError("hash")
-
-    def __eq__(self, other: object) -> bool:
-        raise RuntimeError("eq")
-
-
-class _BadMapping(dict):
-    def __iter__(self):
-        raise RuntimeError("iter")
-
-    def keys(self):
-        raise RuntimeError("keys")
-
-    def __len__(self) -> int:
-        return 1
-
-
-def test_hostile_objects_never_raise_and_never_spoil_another_request(tmp_path):
-    log_dir = str(tmp_path / "log")
-    fdt.configure(env={}, mode="local", log_dir=log_dir, flush_interval_s=60)
-    bad = _Hostile()
-    fdt.trace_print(E.PREPROCESSING_START, "ok-before", "u")
-    fdt.trace_print(bad, "x")  # event
-    fdt.trace_print(E.PREPROCESSING_START, bad, bad)  # request id and user
-    fdt.trace_print(E.PREPROCESSING_END, "ok-before", "u", weird=bad, listed=[bad, 1])
-    fdt.extract("x", _BadMapping())
-    fdt.record_error(bad, bad)
-    fdt.finish_request(bad)
-    fdt.abort_request(bad, bad)
-    fdt.trace_print(E.PREPROCESSING_START, "ok-after", "u")
-    fdt.flush()
-    st = fdt.shutdown()
-    rids = [x["request_id"] for x in read_mirror(log_dir)]
-    assert rids.count("ok-before") == 2 and rids.count("ok-after") == 1
-    assert "<unprintable _Hostile>" in rids
-    assert st["unknown_events"] == 1 and st["bad_carriers_at_call"] == 1 and st["record_failures"] == 0
-
-
-def test_configure_while_threads_trace_loses_nothing(tmp_path):
-    log_dir = str(tmp_path / "log")
-    fdt.configure(env={}, mode="local", log_dir=log_dir, flush_interval_s=0.01)
-    per_thread, threads = 3000, 4
-    go = threading.Event()
-
-    def work(t: int) -> None:
-        go.wait()
-        for i in range(per_thread):
-            fdt.trace_print(E.PREPROCESSING_START, f"c-{t}-{i}", "u")
-
-    workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
-    for w in workers:
-        w.start()
-    go.set()
-    reconfigured = 0
-    while any(w.is_alive() for w in workers) or reconfigured < 5:
-        fdt.configure(env={}, mode="local", log_dir=log_dir, flush_interval_s=0.01)
-        reconfigured += 1
-        time.sleep(0.005)
-    for w in workers:
-        w.join()
-    fdt.shutdown()
-    assert reconfigured >= 5
-    assert len(read_mirror(log_dir)) == per_thread * threads
 
 
 def test_a_hung_collector_never_delays_trace_log_under_a_burst(tmp_path):

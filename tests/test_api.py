@@ -1,20 +1,22 @@
-"""The span model, the mirror and the error path, exported through a real OTLP receiver."""
+"""The public calls end to end: the span model, the mirror, the error path, modes, and what odd
+input and a concurrent configure() do, exported through a real OTLP receiver."""
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import pytest
 
 import fastdeploy_otel as fdt
 from fastdeploy_otel import attributes as A
-from fastdeploy_otel.events import ALIASES, EVENT_TO_STAGE_MAP, LoggingEventName as E, StageName, UnknownEventError
-from tests.support.lifecycles import MIXED, PD_DECODE, PD_PREFILL
+from fastdeploy_otel.events import ALIASES, EVENT_TO_STAGE_MAP, StageName, UnknownEventError
+from fastdeploy_otel.events import LoggingEventName as E
 from fastdeploy_otel.mirror import LINE_RE
 from fastdeploy_otel.span_plan import PLAN, REQUEST_SPAN_NAME
-
-from .conftest import read_mirror
+from tests.support.helpers import read_mirror
+from tests.support.lifecycles import MIXED, PD_DECODE, PD_PREFILL
 
 
 def replay(rid, lifecycle, user="alice"):
@@ -160,7 +162,7 @@ def test_mirror_lines_match_exported_spans(traced, receiver, tmp_path):
         assert line["stage"] == EVENT_TO_STAGE_MAP[event].value
         assert line["request_id"] == "req-m" and line["user_id"] == "alice"
         assert span.start_ns // 1_000_000 <= int(line["timestamp"]) <= span.end_ns // 1_000_000 + 1
-        assert line["file"] == "test_core.py"
+        assert line["file"] == "test_api.py"
 
 
 @pytest.mark.parametrize("sampler", [
@@ -405,3 +407,77 @@ def test_calls_from_the_top_of_a_thread_never_raise(traced):
         fdt.flush()
         time.sleep(0.05)
     assert fdt.stats()["records"] - before == 2
+
+
+class _Hostile:
+    """Everything Python may call on it raises."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("str")
+
+    __repr__ = __str__
+
+    def __hash__(self) -> int:
+        raise RuntimeError("hash")
+
+    def __eq__(self, other: object) -> bool:
+        raise RuntimeError("eq")
+
+
+class _BadMapping(dict):
+    def __iter__(self):
+        raise RuntimeError("iter")
+
+    def keys(self):
+        raise RuntimeError("keys")
+
+    def __len__(self) -> int:
+        return 1
+
+
+def test_hostile_objects_never_raise_and_never_spoil_another_request(tmp_path):
+    log_dir = str(tmp_path / "log")
+    fdt.configure(env={}, mode="local", log_dir=log_dir, flush_interval_s=60)
+    bad = _Hostile()
+    fdt.trace_print(E.PREPROCESSING_START, "ok-before", "u")
+    fdt.trace_print(bad, "x")  # event
+    fdt.trace_print(E.PREPROCESSING_START, bad, bad)  # request id and user
+    fdt.trace_print(E.PREPROCESSING_END, "ok-before", "u", weird=bad, listed=[bad, 1])
+    fdt.extract("x", _BadMapping())
+    fdt.record_error(bad, bad)
+    fdt.finish_request(bad)
+    fdt.abort_request(bad, bad)
+    fdt.trace_print(E.PREPROCESSING_START, "ok-after", "u")
+    fdt.flush()
+    st = fdt.shutdown()
+    rids = [x["request_id"] for x in read_mirror(log_dir)]
+    assert rids.count("ok-before") == 2 and rids.count("ok-after") == 1
+    assert "<unprintable _Hostile>" in rids
+    assert st["unknown_events"] == 1 and st["bad_carriers_at_call"] == 1 and st["record_failures"] == 0
+
+
+def test_configure_while_threads_trace_loses_nothing(tmp_path):
+    log_dir = str(tmp_path / "log")
+    fdt.configure(env={}, mode="local", log_dir=log_dir, flush_interval_s=0.01)
+    per_thread, threads = 3000, 4
+    go = threading.Event()
+
+    def work(t: int) -> None:
+        go.wait()
+        for i in range(per_thread):
+            fdt.trace_print(E.PREPROCESSING_START, f"c-{t}-{i}", "u")
+
+    workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    go.set()
+    reconfigured = 0
+    while any(w.is_alive() for w in workers) or reconfigured < 5:
+        fdt.configure(env={}, mode="local", log_dir=log_dir, flush_interval_s=0.01)
+        reconfigured += 1
+        time.sleep(0.005)
+    for w in workers:
+        w.join()
+    fdt.shutdown()
+    assert reconfigured >= 5
+    assert len(read_mirror(log_dir)) == per_thread * threads

@@ -1,0 +1,51 @@
+"""The OTLP side: attaching to an application's provider, and the instrumentor switch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import fastdeploy_otel as fdt
+from fastdeploy_otel.events import LoggingEventName as E
+
+
+def test_attaches_to_an_existing_tracer_provider(receiver, tmp_path):
+    """Under `opentelemetry-instrument` the app owns the provider: spans go through its pipeline."""
+    script = textwrap.dedent(f"""
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+        import fastdeploy_otel as fdt
+        mem = InMemorySpanExporter()
+        app = TracerProvider()
+        app.add_span_processor(SimpleSpanProcessor(mem))
+        trace.set_tracer_provider(app)
+        fdt.configure(mode="all", log_dir={str(tmp_path)!r}, env={{}}, endpoint="http://127.0.0.1:9")
+        assert fdt.get_tracer_provider() is app
+        fdt.trace_print("PREPROCESSING_START", "a")
+        fdt.trace_print("PREPROCESSING_END", "a")
+        fdt.finish_request("a")
+        fdt.shutdown()
+        names = sorted(s.name for s in mem.get_finished_spans())
+        assert names == ["PREPROCESSING", "fastdeploy.request"], names
+        assert app.id_generator.__class__.__name__ == "RandomIdGenerator"
+        print("OK")
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr
+
+
+def test_instrumentor_switches_tracing_on_and_off(tmp_path):
+    from fastdeploy_otel.instrumentor import FastDeployInstrumentor
+
+    inst = FastDeployInstrumentor()
+    inst.instrument(mode="local", log_dir=str(tmp_path), env={})
+    try:
+        assert fdt.settings() is not None and fdt.settings().mode == "local"
+        fdt.trace_print(E.PREPROCESSING_START, "inst")
+    finally:
+        inst.uninstrument()
+    assert fdt.settings() is None
+    assert "[event=PREPROCESSING_START]" in (tmp_path / "trace.log").read_text()  # flushed on uninstrument
