@@ -25,6 +25,8 @@ TARGETS: dict[str, tuple[str, float] | None] = {
     "naive_sdk_ratio": None,
     "serving_throughput_ratio": (">=", 0.97),
     "serving_p99_ratio": ("<=", 1.05),
+    "serving_api_cpu_ms_added": ("<=", 0.30),
+    "serving_engine_cpu_ms_added": ("<=", 0.25),
 }
 
 
@@ -85,7 +87,9 @@ def table(res: dict[str, Any]) -> str:
         lines.append(
             f"serving: off {_fmt(res.get('serving_off_rps'), 1)} req/s, p50 {_fmt(res.get('serving_off_p50_ms'), 1)} ms, "
             f"p99 {_fmt(res.get('serving_off_p99_ms'), 1)} ms | all {_fmt(res.get('serving_all_rps'), 1)} req/s, "
-            f"p50 {_fmt(res.get('serving_all_p50_ms'), 1)} ms, p99 {_fmt(res.get('serving_all_p99_ms'), 1)} ms"
+            f"p50 {_fmt(res.get('serving_all_p50_ms'), 1)} ms, p99 {_fmt(res.get('serving_all_p99_ms'), 1)} ms; "
+            f"CPU ms/request off: api {_fmt(res.get('serving_off_api_cpu_ms'), 2)}, "
+            f"engine {_fmt(res.get('serving_off_engine_cpu_ms'), 2)}"
         )
     elif res.get("serving_skipped_reason"):
         lines.append(res["serving_skipped_reason"])

@@ -22,7 +22,24 @@ from typing import Any, Callable
 
 from .receiver_proc import ReceiverProcess
 
-SERVING_KEYS = ("serving_throughput_ratio", "serving_p50_ratio", "serving_p99_ratio")
+SERVING_KEYS = (
+    "serving_throughput_ratio",
+    "serving_p50_ratio",
+    "serving_p99_ratio",
+    "serving_api_cpu_ms_added",
+    "serving_engine_cpu_ms_added",
+)
+ROLES = ("api", "engine")
+
+
+def process_cpu_s(pid: int) -> float:
+    """utime + stime of a process, in seconds, from /proc (all its threads); NaN where /proc is not there."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return math.nan
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 PROMPTS = (
     "The quick brown fox jumps over the lazy dog.",
@@ -117,7 +134,11 @@ def _one_run(Stack, mode: str, rx: ReceiverProcess, clients: int, requests: int,
             if warmup:
                 closed_loop(url, clients, warmup, max_tokens, model)
             rx.clear()
+            pids = {role: stack.procs[role].pid for role in ROLES}
+            before = {role: process_cpu_s(pid) for role, pid in pids.items()}
             run = closed_loop(url, clients, requests, max_tokens, model)
+            for role, pid in pids.items():  # per-process CPU per request: stable where throughput is not
+                run[f"{role}_cpu_ms_per_request"] = (process_cpu_s(pid) - before[role]) * 1e3 / max(1, run["completed"])
             if run["errors"]:
                 raise RuntimeError(f"{run['errors']} of {requests} requests failed, e.g. {run['first_error']}")
         run["startup_s"] = startup
@@ -168,20 +189,24 @@ def run_serving(
     requests = requests or (120 if quick else 600)
     max_tokens = max_tokens or 16
     pairs = pairs or (2 if quick else 4)
+    modes = ("off", "all") if quick else ("off", "all", "local")
     warmup = max(clients, requests // 10)
-    # off, all | all, off | off, all | ...: each adjacent (off, all) pair is one comparison, so that a
-    # disturbance of the machine lands in one pair, not in one mode.
-    schedule = [m for i in range(pairs) for m in (("off", "all") if i % 2 == 0 else ("all", "off"))]
+    # Rounds of every mode, the order rotating from round to round: a disturbance of the machine lands
+    # in one round, not in one mode, and each round gives one all/off (and local/off) comparison.
+    rounds = [modes[i % len(modes):] + modes[: i % len(modes)] for i in range(pairs)]
+    schedule = [m for r in rounds for m in r]
     runs: list[dict[str, Any]] = []
     t_start = time.monotonic()
     try:
         with ReceiverProcess() as rx:
             for i, mode in enumerate(schedule):
                 run = _one_run(Stack, mode, rx, clients, requests, warmup, max_tokens)
+                run["round"] = i // len(modes)
                 runs.append(run)
                 log(
                     f"  serving run {i + 1}/{len(schedule)} trace={mode}: {run['throughput_rps']:.1f} req/s, "
                     f"p50 {percentile(run['latencies'], 50) * 1e3:.1f} ms, p99 {percentile(run['latencies'], 99) * 1e3:.1f} ms, "
+                    f"CPU ms/request api {run['api_cpu_ms_per_request']:.2f} engine {run['engine_cpu_ms_per_request']:.2f}, "
                     f"errors {run['errors']}, startup {run['startup_s']:.1f} s"
                 )
     except Exception as exc:
@@ -192,7 +217,7 @@ def run_serving(
         return out
 
     by_mode: dict[str, dict[str, Any]] = {}
-    for mode in ("off", "all"):
+    for mode in modes:
         mine = [r for r in runs if r["mode"] == mode]
         lat = [x for r in mine for x in r["latencies"]]
         by_mode[mode] = {
@@ -207,29 +232,45 @@ def run_serving(
             "startup_s": [round(r["startup_s"], 2) for r in mine],
             "trace_log_bytes": sum(r["trace_log_bytes"] for r in mine),
         }
+        for role in ROLES:
+            key = f"{role}_cpu_ms_per_request"
+            by_mode[mode][key] = statistics.median(r[key] for r in mine)
+            by_mode[mode][key + "_runs"] = [round(r[key], 3) for r in mine]
         if mode == "all":
             by_mode[mode]["spans_received"] = sum(r.get("spans_received", 0) for r in mine)
     off, on = by_mode["off"], by_mode["all"]
 
-    def pair_ratios(metric: Callable[[dict[str, Any]], float]) -> list[float]:
+    def per_round(metric: Callable[[dict[str, Any], dict[str, Any]], float], mode: str = "all") -> list[float]:
+        """metric(run in `mode`, run with tracing off) for each round."""
         out = []
-        for a, b in zip(runs[0::2], runs[1::2]):
-            r_off, r_all = (a, b) if a["mode"] == "off" else (b, a)
-            out.append(metric(r_all) / metric(r_off))
+        for k in range(pairs):
+            r = {x["mode"]: x for x in runs if x["round"] == k}
+            out.append(metric(r[mode], r["off"]))
         return out
 
-    tput = pair_ratios(lambda r: r["throughput_rps"])
-    p50 = pair_ratios(lambda r: percentile(r["latencies"], 50))
-    p99 = pair_ratios(lambda r: percentile(r["latencies"], 99))
+    tput = per_round(lambda a, o: a["throughput_rps"] / o["throughput_rps"])
+    p50 = per_round(lambda a, o: percentile(a["latencies"], 50) / percentile(o["latencies"], 50))
+    p99 = per_round(lambda a, o: percentile(a["latencies"], 99) / percentile(o["latencies"], 99))
+    added: dict[str, Any] = {}
+    for mode in modes[1:]:
+        suffix = "" if mode == "all" else f"_{mode}"
+        for role in ROLES:
+            key = f"{role}_cpu_ms_per_request"
+            diffs = per_round(lambda a, o, key=key: a[key] - o[key], mode)
+            added[f"serving_{role}_cpu_ms_added{suffix}"] = statistics.median(diffs)
+            added[f"serving_{role}_cpu_ms_added{suffix}_rounds"] = [round(x, 3) for x in diffs]
     return {
         "serving_available": True,
+        **added,
         # the median over the (off, all) pairs of all/off; the pooled figures below for reference
         "serving_throughput_ratio": statistics.median(tput),
         "serving_p50_ratio": statistics.median(p50),
         "serving_p99_ratio": statistics.median(p99),
-        "serving_throughput_ratio_pairs": [round(x, 4) for x in tput],
-        "serving_p50_ratio_pairs": [round(x, 4) for x in p50],
-        "serving_p99_ratio_pairs": [round(x, 4) for x in p99],
+        "serving_throughput_ratio_rounds": [round(x, 4) for x in tput],
+        "serving_p50_ratio_rounds": [round(x, 4) for x in p50],
+        "serving_p99_ratio_rounds": [round(x, 4) for x in p99],
+        "serving_off_api_cpu_ms": off["api_cpu_ms_per_request"],
+        "serving_off_engine_cpu_ms": off["engine_cpu_ms_per_request"],
         "serving_p99_ratio_pooled": on["p99_ms"] / off["p99_ms"],
         "serving_off_rps": off["throughput_rps"],
         "serving_all_rps": on["throughput_rps"],
