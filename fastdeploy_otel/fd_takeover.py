@@ -37,6 +37,7 @@ _FINISH_GRACE_S = 5.0  # trace_req_finish waits this long for a POSTPROCESSING_E
 _PRE_START = LoggingEventName.PREPROCESSING_START
 _POST_START = LoggingEventName.POSTPROCESSING_START
 _POST_END = LoggingEventName.POSTPROCESSING_END
+_TRANSFER_END = LoggingEventName.CHECK_CACHE_TRANSFER_END  # a PD prefill instance's last event
 
 _print = fdt.trace_print
 _get_ident = threading.get_ident
@@ -170,8 +171,8 @@ def trace_print(event: Any, request_id: Any, user: Any = None) -> None:
             finally:
                 if token is not None:
                     _detach(token)
-        if ev is _POST_START or ev is _POST_END:
-            _after_postprocessing(ev, key)
+        if ev is _POST_START or ev is _POST_END or ev is _TRANSFER_END:
+            _after_last_event(ev, key)
     except Exception:
         pass
 
@@ -208,8 +209,12 @@ def _first_event(rid: str, ev: Any) -> tuple[str, otel_context.Context | None]:
     return key, ctx
 
 
-def _after_postprocessing(ev: Any, key: str) -> None:
-    if ev is _POST_START:
+def _after_last_event(ev: Any, key: str) -> None:
+    """A process's last event for a request: finish what it traced (and hand POSTPROCESSING home)."""
+    if ev is _TRANSFER_END:
+        if base_id(key) not in _owned:
+            fdt.finish_request(key)
+    elif ev is _POST_START:
         base = base_id(key)
         if base in _owned:
             return
@@ -361,14 +366,13 @@ def trace_get_proc_propagate_context(rid: str) -> dict[str, Any] | None:
         ours = fdt.inject(base)
         return _wrap(base, ours) if ours else None
     choices = _choices.get(base)
-    if choices:
-        ours = fdt.inject(choices[-1])
-        if not ours:
-            return None
+    ours = fdt.inject(choices[-1]) if choices else None
+    if ours:
         out = _wrap(base, ours)
         _remember(_outbound, base, out)
         return out
-    ours = _inbound.get(base)
+    # Not traced here yet, or already finished here (a PD prefill instance): pass the trace on as received.
+    ours = {k: v for k, v in _inbound.get(base, {}).items() if k != _STAGES_FIELD or not choices}
     return _wrap(base, ours) if ours else None
 
 

@@ -35,7 +35,7 @@ class TokenProcessor:
         if "boom" in task.prompt:
             raise IndexError(f"index {len(task.prompt)} is out of bounds for the vocabulary")
         time.sleep(0.01)
-        if self.engine.role != "decode":
+        if self.engine.role == "mixed":
             trace_print(LoggingEventName.FIRST_TOKEN_GENERATED, task.request_id, task.user)
             tracing.trace_report_span(tracing.TraceSpanName.PREFILL, rid,
                                       int(task.metrics["inference_start_time"] * 1e9), time.time_ns())
