@@ -217,20 +217,6 @@ def test_attaches_to_an_existing_tracer_provider(receiver, tmp_path):
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr
 
 
-def test_instrumentor_switches_tracing_on_and_off(tmp_path):
-    from fastdeploy_otel.instrumentor import FastDeployInstrumentor
-
-    inst = FastDeployInstrumentor()
-    inst.instrument(mode="local", log_dir=str(tmp_path), env={})
-    try:
-        assert fdt.settings() is not None and fdt.settings().mode == "local"
-        fdt.trace_print(E.PREPROCESSING_START, "inst")
-    finally:
-        inst.uninstrument()
-    assert fdt.settings() is None
-    assert "[event=PREPROCESSING_START]" in (tmp_path / "trace.log").read_text()  # flushed on uninstrument
-
-
 def test_carriers_that_parse_but_cannot_be_exported_are_rejected(traced, receiver):
     traced()
     base = {"traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01"}
