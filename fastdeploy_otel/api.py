@@ -32,8 +32,6 @@ _time_ns = time.time_ns
 _current_thread = threading.current_thread
 _getframe = sys._getframe
 _lookup = _LOOKUP.get
-# Code objects of functions that call trace_print on behalf of their own caller (register_relay).
-_relays: set = set()
 
 
 class RequestError(Exception):
@@ -179,36 +177,40 @@ _runtime: _Runtime | None = None
 _configure_lock = threading.Lock()
 
 
+def _make_trace_print(depth: int) -> Any:
+    """trace_print, naming in trace.log the code `depth` frames up (1: its caller)."""
+
+    def trace_print(event: LoggingEventName | str, request_id: str, user: object = None, **attributes: Any) -> None:
+        """Record one lifecycle event (FastDeploy's call).  Keywords become span or event attributes."""
+        rt = _runtime
+        if rt is None:
+            return
+        try:
+            ev = _lookup(event)
+        except Exception:  # unhashable, or a __hash__/__eq__ that raises
+            ev = None
+        if ev is None:
+            rt.unknown(event)
+            return
+        q = rt.queue
+        if len(q) >= rt.max_pending:
+            rt.full()
+            return
+        if type(request_id) is not str:  # from here on every id and user is a plain string
+            request_id = text(request_id)
+        if user is not None and type(user) is not str:
+            user = text(user)
+        f = _getframe(depth)
+        q.append((EVENT, _time_ns(), ev, request_id, user, attributes, _current_thread(), get_current(), f.f_code.co_filename, f.f_lineno))
+
+    return trace_print
+
+
 # ---- hot path ------------------------------------------------------------------------------------
-def trace_print(event: LoggingEventName | str, request_id: str, user: object = None, **attributes: Any) -> None:
-    """Record one lifecycle event (FastDeploy's call).  Keywords become span or event attributes."""
-    rt = _runtime
-    if rt is None:
-        return
-    try:
-        ev = _lookup(event)
-    except Exception:  # unhashable, or a __hash__/__eq__ that raises
-        ev = None
-    if ev is None:
-        rt.unknown(event)
-        return
-    q = rt.queue
-    if len(q) >= rt.max_pending:
-        rt.full()
-        return
-    if type(request_id) is not str:  # from here on every id and user is a plain string
-        request_id = text(request_id)
-    if user is not None and type(user) is not str:
-        user = text(user)
-    f = _getframe(1)
-    if f.f_code in _relays:  # a patch that calls us for FastDeploy's code: trace.log names its caller
-        f = f.f_back
-    q.append((EVENT, _time_ns(), ev, request_id, user, attributes, _current_thread(), get_current(), f.f_code.co_filename, f.f_lineno))
-
-
-def register_relay(function: Any) -> None:
-    """Mark `function` as calling trace_print for its caller, so trace.log names the caller's file and line."""
-    _relays.add(function.__code__)
+trace_print = _make_trace_print(1)
+# The same for a function that calls it on behalf of its own caller (the FastDeploy instrumentor's
+# replacement of FastDeploy's trace_print): trace.log names that caller's file and line.
+trace_print_for_caller = _make_trace_print(2)
 
 
 def _enqueue(kind: int, request_id: str, payload: Any = None) -> None:

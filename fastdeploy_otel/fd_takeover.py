@@ -34,12 +34,13 @@ _STAGES_FIELD = "fastdeploy-stages"  # the carrier field with the stage spans ha
 _MAX_TRACKED = 50_000  # requests remembered per table; the oldest are forgotten first
 _FINISH_GRACE_S = 5.0  # trace_req_finish waits this long for a POSTPROCESSING_END printed after it
 
+# Events travel as our enum's members (trace_print finds a member by identity, its fastest path).
 _PRE_START = LoggingEventName.PREPROCESSING_START
 _POST_START = LoggingEventName.POSTPROCESSING_START
 _POST_END = LoggingEventName.POSTPROCESSING_END
 _TRANSFER_END = LoggingEventName.CHECK_CACHE_TRANSFER_END  # a PD prefill instance's last event
 
-_print = fdt.trace_print
+_print = fdt.trace_print_for_caller
 _get_ident = threading.get_ident
 _attach, _detach = otel_context.attach, otel_context.detach
 
@@ -154,30 +155,36 @@ def receive(rid: Any, fd_carrier: Any) -> None:
 def trace_print(event: Any, request_id: Any, user: Any = None) -> None:
     """``fastdeploy.trace.trace_logger.print``: one lifecycle event, recorded by fastdeploy_otel."""
     try:
+        key = _keys.get(request_id)
         ev = _events.get(id(event), event)
-        rid = request_id if type(request_id) is str else str(request_id)
-        key = _keys.get(rid)
-        ctx = None
-        if key is None:
-            key, ctx = _first_event(rid, ev)
-        thread_request[_get_ident()] = key
-        extra = _annotations.pop(key, None) if _annotations else None
-        if ctx is None and extra is None:
-            _print(ev, key, user)
-        else:
+        if key is None or _annotations:
+            key, extra, ctx = _prepare(ev, request_id)
             token = _attach(ctx) if ctx is not None else None
             try:
-                _print(ev, key, user, **(extra or {}))
+                _print(ev, key, user, **extra)  # called from here: trace.log names FastDeploy's call site
             finally:
                 if token is not None:
                     _detach(token)
+        else:
+            _print(ev, key, user)
+        thread_request[_get_ident()] = key
         if ev is _POST_START or ev is _POST_END or ev is _TRANSFER_END:
             _after_last_event(ev, key)
     except Exception:
         pass
 
 
-fdt.register_relay(trace_print)
+def _prepare(ev: Any, request_id: Any) -> tuple[str, dict[str, Any], otel_context.Context | None]:
+    """The slow path: the id to record under (joining or owning a first-seen id), pending attributes,
+    and the caller's context to start the trace in."""
+    rid = request_id if type(request_id) is str else str(request_id)
+    key = _keys.get(rid)
+    ctx = None
+    if key is None:
+        key, ctx = _first_event(rid, ev)
+        if rid is not request_id:
+            _remember(_keys, request_id, key)
+    return key, _annotations.pop(key, None) or {}, ctx
 
 
 def _first_event(rid: str, ev: Any) -> tuple[str, otel_context.Context | None]:
