@@ -23,6 +23,7 @@ TARGETS: dict[str, tuple[str, float] | None] = {
     "total_cpu_ratio": ("<=", 1.0),
     "disabled_ratio": ("<=", 0.02),
     "naive_sdk_ratio": None,
+    "dropin_overhead_ratio": ("<=", 1.2),  # one thread only (bench/dropin.py)
     "serving_throughput_ratio": (">=", 0.97),
     "serving_p99_ratio": ("<=", 1.05),
     "serving_api_cpu_ms_added": ("<=", 0.30),
@@ -58,12 +59,12 @@ def table(res: dict[str, Any]) -> str:
     lines.append("-" * len(head))
     for key, target in TARGETS.items():
         tgt = "(info)" if target is None else f"{target[0]} {target[1]:g}"
-        if key.startswith("serving_"):
+        if key.startswith(("serving_", "dropin_")):
             row = f"{key:<28}{_fmt(res.get(key)):>12}" + "".join(f"{'':>12}" for _ in extra)
         else:
             row = f"{key:<28}{_fmt(res.get(key)):>12}" + "".join(f"{_fmt(res.get(f'{key}_{t}t')):>12}" for t in extra)
         result = verdict(key, res.get(key))
-        if not key.startswith("serving_") and target is not None:
+        if not key.startswith(("serving_", "dropin_")) and target is not None:
             result += "".join(f" / {verdict(key, res.get(f'{key}_{t}t'))}" for t in extra)
         lines.append(f"{row}{tgt:>12}  {result}")
     lines.append("")

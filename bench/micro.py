@@ -67,6 +67,7 @@ MICRO_KEYS = (
     "rss_in_flight_requests",
     "events_per_request",
     "spans_per_request",
+    "dropin_overhead_ratio",
 )
 
 # Per thread count: (key, variant, field)
@@ -463,6 +464,10 @@ def run_micro(
     finally:
         fdt.shutdown()
         shutil.rmtree(workdir, ignore_errors=True)
+    from .dropin import run_dropin
+
+    log("  drop-in: FastDeploy-style trace_print through the instrumentor vs a direct call")
+    result.update(run_dropin(requests=max(requests // 2, 10), rounds=max(rounds, 3)))
     result["micro_seconds"] = time.monotonic() - t_start
     result["by_threads"] = by_threads
     first = by_threads[str(threads[0])]

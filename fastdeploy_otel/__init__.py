@@ -24,6 +24,7 @@ from .api import (
     shutdown,
     stats,
     trace_print,
+    trace_print_for_caller,
 )
 from .config import ConfigError, Settings
 from .events import EVENT_TO_STAGE_MAP, LoggingEventName, StageName, UnknownEventError
@@ -50,4 +51,5 @@ __all__ = [
     "shutdown",
     "stats",
     "trace_print",
+    "trace_print_for_caller",
 ]

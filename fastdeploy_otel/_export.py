@@ -168,8 +168,10 @@ class OtelSink:
     since its processors may export synchronously.
     """
 
-    def __init__(self, settings: Settings, extra_exporters: Sequence[SpanExporter] = ()) -> None:
-        current = trace.get_tracer_provider()
+    def __init__(
+        self, settings: Settings, extra_exporters: Sequence[SpanExporter] = (), provider: TracerProvider | None = None
+    ) -> None:
+        current = provider if provider is not None else trace.get_tracer_provider()
         self.attached = isinstance(current, TracerProvider)
         self.settings = settings
         self.limits = Limits(

@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter
 
 from ._assembler import Assembler
@@ -36,7 +37,11 @@ class Runtime:
     """
 
     def __init__(
-        self, settings: Settings, extra_exporters: Sequence[SpanExporter], queue: collections.deque | None = None
+        self,
+        settings: Settings,
+        extra_exporters: Sequence[SpanExporter],
+        queue: collections.deque | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.settings = settings
         # A configure() that replaces a runtime hands its queue on, so no record in flight is lost.
@@ -57,7 +62,7 @@ class Runtime:
             try:
                 from ._export import OtelSink
 
-                self.sink = OtelSink(settings, extra_exporters)
+                self.sink = OtelSink(settings, extra_exporters, tracer_provider)
             except Exception:
                 logger.exception("OTLP export could not be set up; tracing continues without it")
         sampler = self.sink.should_sample if self.sink is not None else (lambda ctx, trace_id: True)

@@ -8,10 +8,11 @@ With tracing off, ``trace_print`` costs one branch.
 from __future__ import annotations
 
 import atexit
+import os
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from opentelemetry.context import get_current
@@ -43,41 +44,40 @@ _configure_lock = threading.Lock()
 
 
 # ---- hot path ------------------------------------------------------------------------------------
-def trace_print(event: LoggingEventName | str, request_id: str, user: object = None, **attributes: Any) -> None:
-    """Record one lifecycle event (FastDeploy's call).  Keywords become span or event attributes."""
-    rt = _runtime
-    if rt is None:
-        return
-    try:
-        ev = _lookup(event)
-    except Exception:  # unhashable, or a __hash__/__eq__ that raises
-        ev = None
-    if ev is None:
-        rt.unknown(event)
-        return
-    q = rt.queue
-    if len(q) >= rt.max_pending:
-        rt.full()
-        return
-    if type(request_id) is not str:  # from here on every id and user is a plain string
-        request_id = text(request_id)
-    if user is not None and type(user) is not str:
-        user = text(user)
-    f = _getframe(1)
-    q.append(
-        (
-            EVENT,
-            _time_ns(),
-            ev,
-            request_id,
-            user,
-            attributes,
-            _current_thread(),
-            get_current(),
-            f.f_code.co_filename,
-            f.f_lineno,
-        )
-    )
+def _make_trace_print(depth: int) -> Callable[..., None]:
+    """trace_print, naming in trace.log the code `depth` frames up (1: its caller)."""
+
+    def trace_print(event: LoggingEventName | str, request_id: str, user: object = None, **attributes: Any) -> None:
+        """Record one lifecycle event (FastDeploy's call).  Keywords become span or event attributes."""
+        rt = _runtime
+        if rt is None:
+            return
+        try:
+            ev = _lookup(event)
+        except Exception:  # unhashable, or a __hash__/__eq__ that raises
+            ev = None
+        if ev is None:
+            rt.unknown(event)
+            return
+        q = rt.queue
+        if len(q) >= rt.max_pending:
+            rt.full()
+            return
+        if type(request_id) is not str:  # from here on every id and user is a plain string
+            request_id = text(request_id)
+        if user is not None and type(user) is not str:
+            user = text(user)
+        f = _getframe(depth)
+        q.append((EVENT, _time_ns(), ev, request_id, user, attributes, _current_thread(), get_current(),
+                  f.f_code.co_filename, f.f_lineno))  # fmt: skip
+
+    return trace_print
+
+
+trace_print = _make_trace_print(1)
+# The same for a function that calls it on behalf of its own caller (the FastDeploy instrumentor's
+# replacement of FastDeploy's trace_print): trace.log names that caller's file and line.
+trace_print_for_caller = _make_trace_print(2)
 
 
 def _enqueue(kind: int, request_id: str, payload: Any = None) -> None:
@@ -152,14 +152,17 @@ def configure(
     env: Mapping[str, str] | None = None,
     strict_config: bool = False,
     extra_exporters: Sequence[SpanExporter] = (),
+    tracer_provider: TracerProvider | None = None,
     **overrides: Any,
 ) -> Settings:
     """Set up tracing from overrides > environment > defaults; replaces any earlier setup.
 
     Keyword arguments are the fields of ``Settings`` (``mode``, ``log_dir``, ``endpoint``, ...), each
     overriding its environment variable.  A bad environment value is logged once, naming the
-    variable, and its default is used (``strict_config=True`` raises ConfigError instead).  Records
-    made while an earlier setup is replaced go to the old setup or the new one; none is lost.
+    variable, and its default is used (``strict_config=True`` raises ConfigError instead).
+    ``extra_exporters`` get every span too; ``tracer_provider`` is an SDK provider to export through
+    instead of the global one or our own.  Records made while an earlier setup is replaced go to the
+    old setup or the new one; none is lost.
     """
     global _runtime
     with _configure_lock:
@@ -172,7 +175,8 @@ def configure(
         old = _runtime
         new = None
         if settings.mode != "off":
-            new = Runtime(settings, extra_exporters, queue=old.queue if old is not None else None)
+            queue = old.queue if old is not None else None
+            new = Runtime(settings, extra_exporters, queue=queue, tracer_provider=tracer_provider)
         _runtime = new
         if old is not None:
             old.close(old.settings.shutdown_timeout_s)
@@ -186,6 +190,16 @@ def configure(
 
 
 _exit_hook = False
+
+
+def _forget_after_fork() -> None:
+    """A forked child starts untraced: the parent's worker and export threads did not come along,
+    and its in-flight requests are the parent's to finish (a fork-aware caller configures again)."""
+    global _runtime
+    _runtime = None
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def _shutdown_at_exit() -> None:

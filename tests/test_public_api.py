@@ -28,6 +28,7 @@ PUBLIC = [
     "shutdown",
     "stats",
     "trace_print",
+    "trace_print_for_caller",
 ]
 
 # Modules a user may import; everything else has a leading underscore (or lives in tools/).

@@ -4,6 +4,9 @@ fastdeploy-otel demo [--out DIR]        run the traced stack on a workload; leav
                                         spans.jsonl and timeline.html in DIR
 fastdeploy-otel serve --port N          run the traced stack until Ctrl-C / SIGTERM
 fastdeploy-otel check-config            validate the tracing environment variables
+fastdeploy-otel run [--] COMMAND ...    run COMMAND with every Python process it starts traced
+                                        (FastDeploy's own tracing calls taken over; FD_TRACE=all
+                                        unless set)
 """
 
 from __future__ import annotations
@@ -172,6 +175,35 @@ def check_config(_: argparse.Namespace) -> int:
     return 0
 
 
+def run_environment(env: dict[str, str]) -> dict[str, str]:
+    """`env` with the start-up hook first on PYTHONPATH (inherited by every child) and FD_TRACE defaulted."""
+    from .. import _bootstrap as bootstrap
+
+    hook_dir = os.path.dirname(os.path.abspath(bootstrap.__file__))
+    out = dict(env)
+    paths = [p for p in out.get("PYTHONPATH", "").split(os.pathsep) if p and os.path.abspath(p) != hook_dir]
+    out["PYTHONPATH"] = os.pathsep.join([hook_dir, *paths])
+    if not out.get("FD_TRACE", "").strip():
+        out["FD_TRACE"] = "all"
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    command = list(args.argv)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        print("fastdeploy-otel run: no command given", file=sys.stderr)
+        return 2
+    _check_env()
+    env = run_environment(dict(os.environ))
+    try:
+        os.execvpe(command[0], command, env)  # the command becomes this process: its signals, its exit status
+    except OSError as exc:
+        print(f"fastdeploy-otel run: cannot run {command[0]!r}: {exc.strerror}", file=sys.stderr)
+        return 127
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="fastdeploy-otel", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -192,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(func=serve)
     c = sub.add_parser("check-config", help="validate the FD_* and OTEL_* tracing variables")
     c.set_defaults(func=check_config)
+    r = sub.add_parser("run", help="run a command with FastDeploy traced in every Python process it starts")
+    r.add_argument("argv", nargs=argparse.REMAINDER, metavar="[--] COMMAND ARGS", help="the command to run")
+    r.set_defaults(func=run)
     args = p.parse_args(argv)
     try:
         return args.func(args)
