@@ -1,0 +1,119 @@
+"""One trace.log line, of any of the formats in the field, into the few values a replay needs.
+
+Formats (``/work/shared/reference/fastdeploy_tracing.md`` section 3, and ``fastdeploy_otel.mirror``)::
+
+    [2025-11-20 14:03:11,902] [INFO    ] (trace_logger.py:print:27) [thread=…] … [event=…] [stage=…]
+    INFO     2026-04-28 10:15:02,118 81234 engine_client.py[line:412] [thread=…] … [trace_id=unknown]
+    INFO     … [stage=…] [trace_id=<32 hex>] [span_id=<16 hex>]                      (our mirror)
+
+Only the bracketed fields count; the header (asctime is local time, never used) may be anything.
+FastDeploy does not escape its values, so a ``] [`` inside a value that is not followed by a field
+name is kept in that value; the mirror escapes brackets, and its values are unescaped here.
+``parse`` never raises: a line it cannot use gives None, and ``why_bad`` says why (slow, for reports).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+from ..events import LoggingEventName, lookup
+from ..mirror import unescape
+
+__all__ = ["MAX_LINE", "TraceLine", "parse", "why_bad"]
+
+# Longer lines are damage (the longest real line is a few hundred bytes; mirror values are capped).
+MAX_LINE = 64 * 1024
+
+_KEY = re.compile(r"[a-z_]+\Z")
+_KNOWN = frozenset(
+    ("thread", "thread_name", "timestamp", "request_id", "user_id", "event", "stage", "trace_id", "span_id")
+)
+_FIRST_FIELD = re.compile(r"\[[a-z_]+=")
+
+
+class TraceLine(NamedTuple):
+    """What a replay takes from one line: the rest (thread, file, pid) is not part of a span."""
+
+    ts_ms: int  # the [timestamp=] field: epoch milliseconds, taken when the line was formatted
+    request_id: str  # as written, with any per-choice suffix
+    event: LoggingEventName
+    user: str | None  # None: no user (FastDeploy writes "None")
+    trace_id: int  # 0: none or "unknown"
+    span_id: int  # 0: none (only the mirror writes one)
+
+
+def _fields(text: str) -> dict[str, str] | None:
+    """The bracketed ``[key=value]`` fields of a line; None when there are none or the last is cut."""
+    body = text.rstrip()
+    if not body.endswith("]"):
+        return None
+    start = body.find("[thread=")
+    if start < 0:
+        m = _FIRST_FIELD.search(body)
+        if m is None:
+            return None
+        start = m.start()
+    out: dict[str, str] = {}
+    last = ""
+    for part in body[start + 1 : -1].split("] ["):
+        key, sep, value = part.partition("=")
+        if sep and (key in _KNOWN or _KEY.match(key)):
+            out[key] = value
+            last = key
+        elif last:  # "] [" inside an unescaped value: it belongs to the field before
+            out[last] += "] [" + part
+        else:
+            return None
+    return out
+
+
+def _hex(value: str | None) -> int:
+    if not value or value == "unknown":
+        return 0
+    try:
+        return int(value, 16) if len(value) <= 32 else 0
+    except ValueError:
+        return 0
+
+
+def parse(text: str) -> TraceLine | None:
+    """The line's values, or None when it is not a usable trace line (see why_bad)."""
+    if len(text) > MAX_LINE:
+        return None
+    f = _fields(text)
+    if f is None:
+        return None
+    try:
+        ts = int(f["timestamp"])
+        rid = f["request_id"]
+        event = lookup(f["event"])
+    except (KeyError, ValueError):
+        return None
+    if event is None or not rid or ts <= 0:
+        return None
+    span_id = _hex(f.get("span_id"))
+    user = f.get("user_id")
+    if span_id and "\\" in text:  # the mirror escapes its values; FastDeploy does not
+        rid = unescape(rid)
+        user = unescape(user) if user is not None else None
+    return TraceLine(ts, rid, event, None if user == "None" else user, _hex(f.get("trace_id")), span_id)
+
+
+def why_bad(text: str) -> str:
+    """Why parse() rejected `text`, in a few words."""
+    if len(text) > MAX_LINE:
+        return f"line of {len(text):,} characters (over {MAX_LINE:,})"
+    if "\ufffd" in text or "\x00" in text:
+        return "binary data"
+    f = _fields(text)
+    if f is None:
+        return "truncated line" if "[timestamp=" in text else "not a trace line"
+    for key in ("timestamp", "request_id", "event"):
+        if not f.get(key):
+            return f"no {key} field"
+    if not f["timestamp"].isdigit():
+        return f"bad timestamp {f['timestamp'][:32]!r}"
+    if lookup(f["event"]) is None:
+        return f"unknown event {f['event'][:64]!r}"
+    return "unusable line"
