@@ -1,7 +1,9 @@
 """Lines of several files in timestamp order, tolerating a little disorder within each.
 
-Items are tuples whose first element is the ``[timestamp=]`` in epoch ms (never asctime, which is
-local time).  Each file is nearly sorted already: FastDeploy stamps a line as it writes it, our
+Items are tuples ``(timestamp, rank, ...)``: the ``[timestamp=]`` in epoch ms (never asctime, which
+is local time), then the event's place in the lifecycle (``RANK``), which orders lines of the same
+millisecond (two processes' lines of one ms would otherwise come in file order: the API server's
+POSTPROCESSING_END before the engine's INFERENCE_END).  Each file is nearly sorted already: FastDeploy stamps a line as it writes it, our
 mirror writes each process's lines in batches, so processes that share one file interleave by up
 to a flush interval.  Files are merged with a heap, then a window re-sorts what is out of order by
 less than the window: memory is bounded by the lines of one window, not by the input.
@@ -16,18 +18,28 @@ from collections.abc import Iterable, Iterator
 from operator import itemgetter
 from typing import Any
 
-__all__ = ["HeldLines", "merge", "reorder"]
+from ..events import LoggingEventName
+from ..span_plan import PLAN, STAGE_ORDER, Action
 
-Item = tuple[Any, ...]  # (ts_ms, ...)
+__all__ = ["RANK", "HeldLines", "merge", "reorder"]
+
+Item = tuple[Any, ...]  # (ts_ms, rank, ...)
 _ts = itemgetter(0)
+_key = itemgetter(0, 1)
 _CHUNK = 4096
+
+_PHASE = {Action.OPEN: 0, Action.POINT: 1, Action.CLOSE: 2, Action.POINT_CLOSE: 2}
+# Lifecycle order of the events: by stage, and within a stage what opens, decorates, then closes.
+RANK: dict[LoggingEventName, int] = {
+    event: STAGE_ORDER.index(step.stage) * 3 + _PHASE[step.action] for event, step in PLAN.items()
+}
 
 
 def merge(streams: list[Iterator[Item]]) -> Iterator[Item]:
     """The items of several streams, each nearly sorted by time, merged by time."""
     if len(streams) == 1:
         return streams[0]
-    return heapq.merge(*streams, key=_ts)
+    return heapq.merge(*streams, key=_key)
 
 
 def reorder(items: Iterable[Item], window_ms: int) -> Iterator[Item]:
@@ -39,12 +51,12 @@ def reorder(items: Iterable[Item], window_ms: int) -> Iterator[Item]:
         if item[0] > high:
             high = item[0]
         if len(buf) >= _CHUNK:
-            buf.sort(key=_ts)  # stable, and nearly sorted input sorts in linear time
+            buf.sort(key=_key)  # stable, and nearly sorted input sorts in linear time
             cut = bisect.bisect_right(buf, high - window_ms, key=_ts)
             if cut:
                 yield from buf[:cut]
                 del buf[:cut]
-    buf.sort(key=_ts)
+    buf.sort(key=_key)
     yield from buf
 
 
@@ -76,7 +88,7 @@ class HeldLines:
             mark = reads.popleft()[1]
         if mark < 0 or not self._items:
             return []
-        self._items.sort(key=_ts)
+        self._items.sort(key=_key)
         cut = len(self._items) if everything else bisect.bisect_right(self._items, mark, key=_ts)
         out, self._items = self._items[:cut], self._items[cut:]
         return out

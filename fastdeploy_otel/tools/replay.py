@@ -104,6 +104,7 @@ class Replayer:
         # The assembler's own cap would end a request as an ERROR ("evicted"); ours ends it incomplete first.
         self.asm = Assembler(lambda ctx, trace_id: True, False, max_in_flight + 1, self.ttl_ns, self.ids, mirror=False)
         self._keys: dict[str, str] = {}  # a base id -> the key of the in-flight request that began under a choice id
+        self._base_seen: dict[str, str] = {}  # such a key -> its base id, once a line used it
         self._recent: dict[str, str] = {}  # ids of recently ended requests -> their key
         self._pinned: set[str] = set()  # requests whose trace id came from a line
         self._held: dict[int, list[SpanState]] = {}  # finished spans by trace id, until their request ends
@@ -124,6 +125,7 @@ class Replayer:
             return rid
         key = self._keys.get(rid)
         if key is not None:
+            self._base_seen[key] = rid
             return key
         base = base_request_id(rid)
         if base != rid and base in requests:
@@ -211,9 +213,12 @@ class Replayer:
         """The request `key` has left the assembler: hand its spans on."""
         self._hold(self.asm.take()[0])
         out = self._held.pop(trace_id, None)
+        base = self._base_seen.pop(key, None)
         if out:
             for s in out:
                 s.attributes[A.REPLAYED] = True
+                if base is not None and s.name == REQUEST_SPAN_NAME:
+                    s.attributes[A.REQUEST_ID] = A.capped(base)  # the request as its client knows it
             self._emit(out)
         self.ids.forget(trace_id)
         self.requests += 1

@@ -24,7 +24,7 @@ from .._records import SpanState
 from ..version import __version__
 from .follow import Follower
 from .logfiles import STDIN, find_logs, read_lines
-from .ordering import HeldLines, merge, reorder
+from .ordering import RANK, HeldLines, merge, reorder
 from .replay import Replayer, base_request_id
 from .spans import Span
 from .spanstates import JsonLinesWriter, to_span
@@ -213,10 +213,11 @@ class _Run:
             return False
         return not o.request_ids or rid in o.request_ids or base_request_id(rid) in o.request_ids
 
-    def stream(self, index: int, path: str) -> Iterator[tuple[int, int, int, Any]]:
-        """(timestamp, file index, line number, TraceLine) for the usable lines of one file."""
+    def stream(self, index: int, path: str) -> Iterator[tuple[int, int, int, int, Any]]:
+        """(timestamp, rank, file index, line number, TraceLine) for the usable lines of one file."""
         filtering = self.opts.since_ms is not None or self.opts.until_ms is not None or self.opts.request_ids
         bad = self.damage.line
+        rank = RANK
         for lineno, text in read_lines(path, self.damage.read_error):
             line = parse(text)
             if line is None:
@@ -225,7 +226,7 @@ class _Run:
                 continue
             if filtering and not self.wanted(line.ts_ms, line.request_id):
                 continue
-            yield line.ts_ms, index, lineno, line
+            yield line.ts_ms, rank[line.event], index, lineno, line
 
 
 def _batch(run: _Run, files: list[str], replayer: Replayer, progress: Progress) -> None:
@@ -233,7 +234,7 @@ def _batch(run: _Run, files: list[str], replayer: Replayer, progress: Progress) 
     feed = replayer.feed
     n = 0
     for item in items:
-        feed(item[3])
+        feed(item[4])
         n += 1
         if not n & 4095:
             run.lines = n
@@ -257,12 +258,12 @@ def _follow(run: _Run, replayer: Replayer, outputs: Outputs, progress: Progress)
                 if text.strip():
                     bad(path, lineno, text)
             elif run.wanted(line.ts_ms, line.request_id):
-                items.append((line.ts_ms, 0, lineno, line))
+                items.append((line.ts_ms, RANK[line.event], 0, lineno, line))
         held.add(items, now)
 
     def feed(items: list) -> None:
         for item in items:
-            replayer.feed(item[3])
+            replayer.feed(item[4])
         run.lines += len(items)
 
     while not run.stop.is_set():
