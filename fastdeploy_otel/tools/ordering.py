@@ -45,17 +45,26 @@ def merge(streams: list[Iterator[Item]]) -> Iterator[Item]:
 def reorder(items: Iterable[Item], window_ms: int) -> Iterator[Item]:
     """`items` sorted by time, where each is at most `window_ms` late (later ones keep their place)."""
     buf: list[Item] = []
-    high = 0
+    high = last_rank = 0
+    disordered = False
+    due = _CHUNK
     for item in items:
+        ts = item[0]
+        if ts > high:
+            high = ts
+        elif ts < high or item[1] < last_rank:
+            disordered = True
+        last_rank = item[1]
         buf.append(item)
-        if item[0] > high:
-            high = item[0]
-        if len(buf) >= _CHUNK:
-            buf.sort(key=_key)  # stable, and nearly sorted input sorts in linear time
+        if len(buf) >= due:
+            if disordered:  # sorting costs as much as the rest of the replay: only when needed
+                buf.sort(key=_key)  # stable
+                disordered = False
             cut = bisect.bisect_right(buf, high - window_ms, key=_ts)
             if cut:
                 yield from buf[:cut]
                 del buf[:cut]
+            due = len(buf) + _CHUNK  # a sort per CHUNK lines, however many the window holds
     buf.sort(key=_key)
     yield from buf
 

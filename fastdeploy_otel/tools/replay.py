@@ -50,6 +50,18 @@ def _derive(nbytes: int, *parts: object) -> int:
     return int.from_bytes(hashlib.blake2b(key, digest_size=nbytes).digest(), "big") or 1
 
 
+_GOLDEN = 0x9E3779B97F4A7C15
+_M64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser: distinct inputs give distinct, well spread 64-bit ids (cheaper than a hash)."""
+    x &= _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return (x ^ (x >> 31)) or 1
+
+
 def _target(step_name: LoggingEventName, open_spans: dict[str, SpanState]) -> str:
     """The span the event belongs to, i.e. the span whose id its mirror line carries."""
     step = PLAN[step_name]
@@ -80,9 +92,9 @@ class ReplayIds:
             return request_span_id(trace_id, line.request_id if line is not None else request_id, ts_ns)
         if line is not None and line.span_id and name == self.preset:
             return line.span_id
-        n = self._opened.get(trace_id, 0)
-        self._opened[trace_id] = n + 1
-        return _derive(8, "span", f"{trace_id:032x}", name, ts_ns // 1_000_000, n)
+        n = self._opened.get(trace_id, 0) + 1
+        self._opened[trace_id] = n
+        return _mix64((trace_id ^ (trace_id >> 64)) + n * _GOLDEN)
 
     def forget(self, trace_id: int) -> None:
         self._opened.pop(trace_id, None)
@@ -135,37 +147,39 @@ class Replayer:
     def feed(self, line: TraceLine) -> None:
         """One line; lines should come in timestamp order (a little disorder is an anomaly, not a failure)."""
         asm = self.asm
-        key = self._key(line.request_id)
-        ts = line.ts_ms * 1_000_000
-        req = asm.requests.get(key)
+        requests = asm.requests
+        ts_ms, rid, event, user, trace_id, span_id = line
+        key = rid if rid in requests else self._key(rid)
+        ts = ts_ms * 1_000_000
+        req = requests.get(key)
         if req is None:
-            if len(asm.requests) >= self.max_in_flight:
-                self.end(next(iter(asm.requests)))
+            if len(requests) >= self.max_in_flight:
+                self.end(next(iter(requests)))
             base = base_request_id(key)
             if base != key:
                 self._keys[base] = key
-        elif line.trace_id and req.trace_id != line.trace_id and key not in self._pinned:
-            self._adopt(key, line.trace_id)
+        elif trace_id and req.trace_id != trace_id and key not in self._pinned:
+            self._adopt(key, trace_id)
         ids = self.ids
         ids.line = line
-        if line.span_id:
-            ids.preset = _target(line.event, req.open if req is not None else {})
+        if span_id:
+            ids.preset = _target(event, req.open if req is not None else {})
             if req is not None:
-                self._pin_span(key, ids.preset, line.span_id)
-        asm.handle((EVENT, ts, line.event, key, line.user, None, _NO_THREAD, None, "", 0))  # type: ignore[arg-type]
-        if line.trace_id:
+                self._pin_span(key, ids.preset, span_id)
+        asm.handle((EVENT, ts, event, key, user, None, _NO_THREAD, None, "", 0))  # type: ignore[arg-type]
+        if trace_id:
             self._pinned.add(key)
         if ts > self.last_ns:
             self.last_ns = ts
-        if line.event is _END:
-            trace_id = asm.requests[key].trace_id
+        if event is _END:
+            trace_id = requests[key].trace_id
             asm.handle((FINISH, ts, None, key, None, None, _NO_THREAD, None, "", 0))  # type: ignore[arg-type]
             self._ended(key, trace_id)
         elif asm.spans:
             self._hold(asm.take()[0])
         self._fed += 1
         if self._fed >= self._next_sweep:
-            self._next_sweep = self._fed + max(4096, len(asm.requests))
+            self._next_sweep = self._fed + max(4096, len(requests))
             self.sweep(self.last_ns)
 
     def _pin_span(self, key: str, name: str, span_id: int) -> None:

@@ -41,8 +41,25 @@ def _any_value(v: Any) -> str:
     return '{"stringValue":' + _dumps(text(v)) + "}"
 
 
+_kv_cache: dict[tuple[str, object], str] = {}
+
+
 def _attributes(attrs: Mapping[str, Any]) -> str:
-    return ",".join('{"key":' + _dumps(k) + ',"value":' + _any_value(v) + "}" for k, v in attrs.items())
+    # The same few (key, string) pairs recur on every span of a request and every request: encode once.
+    cache = _kv_cache
+    out = []
+    for item in attrs.items():
+        v = item[1]
+        if type(v) is str or type(v) is bool:
+            kv = cache.get(item)
+            if kv is None:
+                if len(cache) > 50_000:
+                    cache.clear()
+                kv = cache[item] = '{"key":' + _dumps(item[0]) + ',"value":' + _any_value(v) + "}"
+        else:
+            kv = '{"key":' + _dumps(item[0]) + ',"value":' + _any_value(v) + "}"
+        out.append(kv)
+    return ",".join(out)
 
 
 def _span(s: SpanState) -> str:
