@@ -111,10 +111,7 @@ class DatedFile:
             self.lines_written += lines
             if self._failing:
                 self._failing = False
-                say(
-                    f"writing {self.path} recovered; "
-                    f"{self._failed_since} lines were lost while it failed"
-                )
+                say(f"writing {self.path} recovered; {self._failed_since} lines were lost while it failed")
             return lines
 
     def _failed(self, exc: OSError, lost: int) -> None:

@@ -220,12 +220,26 @@ def _add_replay(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--since", metavar="T", help="only lines at or after T (epoch s, ISO date-time, or 15m/2h/1d ago)")
     r.add_argument("--until", metavar="T", help="only lines at or before T")
     r.add_argument("--request-id", action="append", metavar="RID", help="only this request (repeatable)")
-    r.add_argument("--ttl", type=float, default=600.0, metavar="S",
-                   help="a request with no line for S seconds ends as incomplete (default 600)")
-    r.add_argument("--max-in-flight", type=int, default=100_000, metavar="N",
-                   help="requests open at once before the oldest ends as incomplete (default 100000)")
-    r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="show progress (default: on a terminal only)")
+    r.add_argument(
+        "--ttl",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="a request with no line for S seconds ends as incomplete (default 600)",
+    )
+    r.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=100_000,
+        metavar="N",
+        help="requests open at once before the oldest ends as incomplete (default 100000)",
+    )
+    r.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show progress (default: on a terminal only)",
+    )
     r.set_defaults(func=replay)
 
 

@@ -3,10 +3,12 @@
 Items are tuples ``(timestamp, rank, ...)``: the ``[timestamp=]`` in epoch ms (never asctime, which
 is local time), then the event's place in the lifecycle (``RANK``), which orders lines of the same
 millisecond (two processes' lines of one ms would otherwise come in file order: the API server's
-POSTPROCESSING_END before the engine's INFERENCE_END).  Each file is nearly sorted already: FastDeploy stamps a line as it writes it, our
-mirror writes each process's lines in batches, so processes that share one file interleave by up
-to a flush interval.  Files are merged with a heap, then a window re-sorts what is out of order by
-less than the window: memory is bounded by the lines of one window, not by the input.
+POSTPROCESSING_END before the engine's INFERENCE_END).
+
+Each file is nearly sorted already: FastDeploy stamps a line as it writes it, and our mirror writes
+each process's lines in batches, so processes that share one file interleave by up to a flush
+interval.  Files are merged with a heap, then a window re-sorts what is out of order by less than
+the window: memory is bounded by the lines of one window, not by the input.
 """
 
 from __future__ import annotations

@@ -107,8 +107,8 @@ class Outputs:
     """Where replayed spans go: JSON lines, OTLP (the live export pipeline), the timeline's list."""
 
     def __init__(self, opts: Options, stdout: TextIO) -> None:
-        from ..config import load_settings
         from .._export import make_resource
+        from ..config import load_settings
 
         settings, self.config_errors = load_settings()
         settings = dataclasses.replace(settings, mode="otel", json_file=None)

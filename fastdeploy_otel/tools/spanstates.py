@@ -106,9 +106,7 @@ def encode_request(spans: Iterable[SpanState], resource: Mapping[str, Any], scop
 class JsonLinesWriter:
     """Appends spans to a text stream as OTLP/JSON lines, `batch` spans to a line."""
 
-    def __init__(
-        self, out: TextIO, resource: Mapping[str, Any], scope: tuple[str, str], batch: int = 512
-    ) -> None:
+    def __init__(self, out: TextIO, resource: Mapping[str, Any], scope: tuple[str, str], batch: int = 512) -> None:
         self._out = out
         self._resource = dict(resource)
         self._scope = scope
