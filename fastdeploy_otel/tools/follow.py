@@ -24,6 +24,7 @@ __all__ = ["Follower"]
 _READ = 1 << 20
 _MAX_READ_PER_POLL = 16 << 20  # stay responsive (progress, SIGTERM) while catching up on a big file
 _RESCAN_S = 2.0
+_TAIL = 128
 
 
 @dataclass
@@ -33,6 +34,7 @@ class _Open:
     offset: int = 0
     lineno: int = 0
     partial: bytes = b""
+    tail: bytes = b""  # the last bytes read: seeing other bytes there means the file was rewritten
     skipping: bool = False  # inside an over-long line: drop up to the next newline
     idle_since: float = field(default_factory=time.monotonic)
 
@@ -90,6 +92,7 @@ class Follower:
         if self._dirs and now - self._last_scan > _RESCAN_S:
             self._scan()
         for t in self._targets.values():
+            self._check(t, out)
             for old in list(t.draining):
                 self._read(t.path, old, out)
                 if now - old.idle_since > self._grace_s:
@@ -97,7 +100,6 @@ class Follower:
                     t.draining.remove(old)
             if t.current is not None:
                 self._read(t.path, t.current, out)
-            self._check(t, out)
         return out
 
     def close(self) -> Lines:
@@ -119,18 +121,26 @@ class Follower:
             return  # gone for now (mid-rotation, or not created yet): keep reading what is open
         cur = t.current
         if cur is None or (st.st_dev, st.st_ino) != cur.ident:
-            if cur is not None:
+            if cur is not None:  # read to its end below, and for a grace period after
                 cur.idle_since = time.monotonic()
                 t.draining.append(cur)
             self._reopen(t)
-            if t.current is not None:
-                self._read(t.path, t.current, out)
-        elif st.st_size < cur.offset:  # truncated in place (copytruncate, or `> trace.log`)
+        elif st.st_size < cur.offset or not self._same_tail(cur):
+            # Truncated in place (copytruncate, `> trace.log`), maybe already written again past where
+            # we were: the bytes before our offset are not the ones we read.
             if cur.partial:
                 self._on_error(t.path, cur.lineno + 1, "truncated line (the file was truncated)")
-            cur.offset, cur.partial, cur.lineno, cur.skipping = 0, b"", 0, False
+            cur.offset, cur.partial, cur.lineno, cur.skipping, cur.tail = 0, b"", 0, False, b""
             os.lseek(cur.fd, 0, os.SEEK_SET)
-            self._read(t.path, cur, out)
+
+    @staticmethod
+    def _same_tail(h: _Open) -> bool:
+        if not h.tail:
+            return True
+        try:
+            return os.pread(h.fd, len(h.tail), h.offset - len(h.tail)) == h.tail
+        except OSError:
+            return True
 
     def _reopen(self, t: _Target) -> None:
         try:
@@ -153,6 +163,7 @@ class Follower:
                 return
             total += len(chunk)
             h.offset += len(chunk)
+            h.tail = (h.tail + chunk)[-_TAIL:] if len(chunk) < _TAIL else chunk[-_TAIL:]
             h.idle_since = time.monotonic()
             self._split(path, h, chunk, out)
 

@@ -12,6 +12,7 @@ not say is decided here:
   derived from the request id and its first timestamp: replaying the same files gives the same ids.
   A trace id first seen on a later line (FastDeploy writes ``unknown`` until its context exists) is
   adopted by the whole request, since its spans are held until the request ends.
+* **Times.**  A line says its millisecond; the event is put in the middle of it (within 0.5 ms).
 * **When a request ends.**  At POSTPROCESSING_END, the last event of every lifecycle that answers a
   client.  A lifecycle that stops short (end of input, idle past the TTL, or pushed out by the
   in-flight cap) ends at its last event marked ``fastdeploy.anomaly=incomplete``, not as an error.
@@ -36,6 +37,7 @@ __all__ = ["Replayer", "ReplayIds", "base_request_id"]
 _CHOICE = re.compile(r"(?:_|::n::)\d+\Z")
 _END = LoggingEventName.POSTPROCESSING_END
 _NO_THREAD = threading.main_thread()  # Records name a thread; only mirror lines use it, and a replay makes none
+_HALF_MS = 500_000
 _RECENT = 10_000  # finished request ids remembered, so that a late line joins its request
 
 
@@ -150,7 +152,7 @@ class Replayer:
         requests = asm.requests
         ts_ms, rid, event, user, trace_id, span_id = line
         key = rid if rid in requests else self._key(rid)
-        ts = ts_ms * 1_000_000
+        ts = ts_ms * 1_000_000 + _HALF_MS  # the middle of its millisecond: within 0.5 ms of the event
         req = requests.get(key)
         if req is None:
             if len(requests) >= self.max_in_flight:

@@ -91,7 +91,7 @@ class Damage:
 
     def count(self, path: str, lineno: int, why: str) -> None:
         self.lines += 1
-        reason = why.split(" '")[0] if why.startswith("unknown event") else why.split(" of ")[0]
+        reason = why.split(":")[0]
         self.by_reason[reason] = self.by_reason.get(reason, 0) + 1
         if len(self.examples) < _EXAMPLES:
             where = f"{path}:{lineno}" if lineno > 0 else path

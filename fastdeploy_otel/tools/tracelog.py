@@ -151,9 +151,9 @@ def parse(text: str) -> TraceLine | None:
 
 
 def why_bad(text: str) -> str:
-    """Why parse() rejected `text`, in a few words."""
+    """Why parse() rejected `text`: a few words, then any detail after a colon."""
     if len(text) > MAX_LINE:
-        return f"line of {len(text):,} characters (over {MAX_LINE:,})"
+        return f"line too long: {len(text):,} characters (over {MAX_LINE:,})"
     if "\ufffd" in text or "\x00" in text:
         return "binary data"
     f = _fields(text)
@@ -163,7 +163,7 @@ def why_bad(text: str) -> str:
         if not f.get(key):
             return f"no {key} field"
     if not f["timestamp"].isdigit():
-        return f"bad timestamp {f['timestamp'][:32]!r}"
+        return f"bad timestamp: {f['timestamp'][:32]!r}"
     if lookup(f["event"]) is None:
-        return f"unknown event {f['event'][:64]!r}"
+        return f"unknown event: {f['event'][:64]!r}"
     return "unusable line"
