@@ -45,29 +45,29 @@ def merge(streams: list[Iterator[Item]]) -> Iterator[Item]:
 
 
 def reorder(items: Iterable[Item], window_ms: int) -> Iterator[Item]:
-    """`items` sorted by time, where each is at most `window_ms` late (later ones keep their place)."""
+    """`items` sorted by time, where each is at most `window_ms` late (later ones keep their place).
+    Lines of the same millisecond keep their order: within a file it is the order they happened in."""
     buf: list[Item] = []
-    high = last_rank = 0
+    high = 0
     disordered = False
     due = _CHUNK
     for item in items:
         ts = item[0]
         if ts > high:
             high = ts
-        elif ts < high or item[1] < last_rank:
+        elif ts < high:
             disordered = True
-        last_rank = item[1]
         buf.append(item)
         if len(buf) >= due:
             if disordered:  # sorting costs as much as the rest of the replay: only when needed
-                buf.sort(key=_key)  # stable
+                buf.sort(key=_ts)  # stable: lines of one ms stay as the merge (or their file) put them
                 disordered = False
             cut = bisect.bisect_right(buf, high - window_ms, key=_ts)
             if cut:
                 yield from buf[:cut]
                 del buf[:cut]
             due = len(buf) + _CHUNK  # a sort per CHUNK lines, however many the window holds
-    buf.sort(key=_key)
+    buf.sort(key=_ts)
     yield from buf
 
 
