@@ -505,3 +505,30 @@ def test_bad_json_free_output_is_valid_otlp_json(tmp_path, capsys):
         doc = json.loads(line)
         span = doc["resourceSpans"][0]["scopeSpans"][0]["spans"][0]
         assert len(span["traceId"]) == 32 and len(span["spanId"]) == 16 and span["startTimeUnixNano"].isdigit()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_otlp_export_configured_by_the_standard_variables(tmp_path, capsys, monkeypatch, receiver, protocol):
+    """--otlp goes through the live export pipeline to a real receiver, over gRPC and HTTP, and the
+    spans that arrive are the ones written as JSON lines."""
+    receiver.store.clear()
+    events = []
+    for k in range(3):
+        a, e = fd_events(f"cmpl-otlp{k}", T0 + k * 100)
+        events += a + e
+    FdLog(str(tmp_path / "log")).write(sorted(events, key=lambda x: x[0]))
+    for name in [n for n in os.environ if n.startswith(("OTEL_", "FD_"))]:
+        monkeypatch.delenv(name)
+    endpoint = receiver.grpc_endpoint if protocol == "grpc" else receiver.http_endpoint
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "replayed-fd")
+    rc, _, err = replay(capsys, str(tmp_path / "log"), "--otlp", "--jsonl", str(tmp_path / "s.jsonl"))
+    assert rc == 0, err
+    assert "30 spans exported, 0 not" in err
+    got = receiver.store.wait_for(lambda spans: len(spans) >= 30)
+    written = read_spans(tmp_path / "s.jsonl")
+    key = lambda s: (s.trace_id, s.span_id)  # noqa: E731
+    assert sorted(map(key, got)) == sorted(map(key, written))
+    assert {s.resource["service.name"] for s in got} == {"replayed-fd"}
+    assert all(s.attributes["fastdeploy.replayed"] is True for s in got)

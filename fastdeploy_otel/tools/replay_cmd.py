@@ -287,11 +287,13 @@ def run(opts: Options, stdout: TextIO | None = None, stderr: TextIO | None = Non
         if STDIN in opts.paths:
             print("fastdeploy-otel replay: --follow needs files or directories, not -", file=err)
             return 2
-        missing = [p for p in opts.paths if not os.path.exists(p) and not os.path.isdir(os.path.dirname(p) or ".")]
+        for p in opts.paths:
+            if not os.path.exists(p):  # a file a process has yet to create: followed once it appears
+                print(f"fastdeploy-otel replay: {p}: not there yet; waiting for it", file=err)
     else:
         files, missing = find_logs(opts.paths)
-    for p in missing:
-        print(f"fastdeploy-otel replay: {p}: no such file or directory", file=err)
+        for p in missing:
+            print(f"fastdeploy-otel replay: {p}: no such file or directory", file=err)
     if not opts.follow and not files:
         print("fastdeploy-otel replay: no trace.log files to read", file=err)
         return 2
