@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from .micro import run_micro
+from .replay import REPLAY_KEYS, run_replay
 from .serving import SERVING_KEYS, run_serving
 
 # key: (comparison, target); None = informational
@@ -28,6 +29,7 @@ TARGETS: dict[str, tuple[str, float] | None] = {
     "serving_p99_ratio": ("<=", 1.05),
     "serving_api_cpu_ms_added": ("<=", 0.30),
     "serving_engine_cpu_ms_added": ("<=", 0.25),
+    "replay_lines_per_s": (">=", 150_000),
 }
 
 
@@ -59,12 +61,12 @@ def table(res: dict[str, Any]) -> str:
     lines.append("-" * len(head))
     for key, target in TARGETS.items():
         tgt = "(info)" if target is None else f"{target[0]} {target[1]:g}"
-        if key.startswith(("serving_", "dropin_")):
+        if key.startswith(("serving_", "dropin_", "replay_")):
             row = f"{key:<28}{_fmt(res.get(key)):>12}" + "".join(f"{'':>12}" for _ in extra)
         else:
             row = f"{key:<28}{_fmt(res.get(key)):>12}" + "".join(f"{_fmt(res.get(f'{key}_{t}t')):>12}" for t in extra)
         result = verdict(key, res.get(key))
-        if not key.startswith(("serving_", "dropin_")) and target is not None:
+        if not key.startswith(("serving_", "dropin_", "replay_")) and target is not None:
             result += "".join(f" / {verdict(key, res.get(f'{key}_{t}t'))}" for t in extra)
         lines.append(f"{row}{tgt:>12}  {result}")
     lines.append("")
@@ -83,6 +85,11 @@ def table(res: dict[str, Any]) -> str:
         lines.append(
             f"memory, {res.get('rss_in_flight_requests')} requests in flight: "
             f"+{res['rss_in_flight_mb']:.1f} MB RSS (peak +{res.get('rss_hwm_delta_mb', math.nan):.1f} MB)"
+        )
+    if res.get("replay_lines"):
+        lines.append(
+            f"replay: {res['replay_lines']:,} lines, {_fmt(res.get('replay_lines_per_s'))} lines/s of CPU "
+            f"({_fmt(res.get('replay_wall_lines_per_s'))} wall), peak RSS {_fmt(res.get('replay_peak_rss_mb'), 1)} MB"
         )
     if res.get("serving_available"):
         lines.append(
@@ -113,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         help="micro: BatchSpanProcessor max_queue_size for otel and naive (0: the SDK default, 2048, which "
         "drops spans under the bench's bursts; drops are counted in the JSON)",
     )
+    p.add_argument("--no-replay", action="store_true", help="skip the replay benchmark")
+    p.add_argument("--replay-lines", type=int, default=1_000_000, help="replay: lines of the input (default 1000000)")
     p.add_argument("--serving-requests", type=int, help="serving: requests per run")
     p.add_argument("--serving-clients", type=int, help="serving: concurrent clients (default 8)")
     p.add_argument("--max-tokens", type=int, help="serving: max_tokens per request")
@@ -124,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     res: dict[str, Any] = {k: None for k in TARGETS}
     res.update({k: None for k in SERVING_KEYS})
+    res.update({k: None for k in REPLAY_KEYS})
     res.update({
         "python": platform.python_version(),
         "implementation": platform.python_implementation(),
@@ -142,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
             rss_requests=args.rss_requests, flush_interval_s=args.flush_interval,
             bsp={"max_queue_size": args.bsp_queue} if args.bsp_queue else {}, log=log,
         ))
+    if not args.no_replay:
+        log("replay benchmark ...")
+        res.update(run_replay(args.replay_lines, log=log))
     if not args.no_serving:
         log("serving benchmark ...")
         res.update(run_serving(

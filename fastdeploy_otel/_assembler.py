@@ -8,11 +8,12 @@ built with explicit start and end times once they close.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -38,6 +39,37 @@ def new_span_id() -> int:
 
 def new_trace_id() -> int:
     return _ids.getrandbits(128) or 1
+
+
+def request_span_id(trace_id: int, request_id: str, ts_ns: int) -> int:
+    """The request span's id, derived from what its first trace.log line carries (trace id, request
+    id, millisecond timestamp): no line names the request span, yet a replayed mirror reproduces it."""
+    key = f"{trace_id:032x}/{request_id}/{ts_ns // 1_000_000}".encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") or 1
+
+
+class SpanIds(Protocol):
+    """Where the assembler's ids come from: random when live, preset or derived when replaying."""
+
+    def trace_id(self, request_id: str, ts_ns: int) -> int:
+        """A new request's trace id, when no parent context gives one."""
+        ...
+
+    def span_id(self, trace_id: int, request_id: str, name: str, ts_ns: int) -> int:
+        """The id of span `name` of the request, opening at `ts_ns`."""
+        ...
+
+
+class LiveIds:
+    """Random ids; the request span's is derived (request_span_id) so that trace.log implies it."""
+
+    def trace_id(self, request_id: str, ts_ns: int) -> int:
+        return new_trace_id()
+
+    def span_id(self, trace_id: int, request_id: str, name: str, ts_ns: int) -> int:
+        if name == REQUEST_SPAN_NAME:
+            return request_span_id(trace_id, request_id, ts_ns)
+        return new_span_id()
 
 
 @dataclass(slots=True)
@@ -79,7 +111,19 @@ Sampler = Callable[[Context | None, int], bool]
 
 
 class Assembler:
-    def __init__(self, sampler: Sampler, capture_content: bool, max_requests: int, ttl_ns: int) -> None:
+    def __init__(
+        self,
+        sampler: Sampler,
+        capture_content: bool,
+        max_requests: int,
+        ttl_ns: int,
+        ids: SpanIds | None = None,
+        mirror: bool = True,
+    ) -> None:
+        """`ids`: where ids come from (LiveIds by default); `mirror`: whether events make MirrorRecords
+        (a replay of trace.log has no use for them)."""
+        self._id_source: SpanIds = ids if ids is not None else LiveIds()
+        self._mirror = mirror
         self._sampler = sampler
         self._capture_content = capture_content
         self._max_requests = max_requests
@@ -138,6 +182,21 @@ class Assembler:
         for rid in list(self.requests):
             self._evict(rid, now_ns, reason)
 
+    def end_incomplete(self, request_id: str) -> None:
+        """End a lifecycle that stops short (a replay's end of input, TTL or cap) at its last event,
+        marked ``incomplete``, without ERROR: a log that was cut off says nothing about failure.
+        An open explicit span was open up to that event; an implicit one ends with its last activity."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return
+        for span in list(req.open.values()):
+            if span.name in req.open:  # not already closed as a child
+                span.attributes[A.ANOMALY] = A.INCOMPLETE
+                self._close(req, span, span.last_ns if span.implicit else req.last_ns)
+        if req.span is not None:
+            req.span.attributes[A.ANOMALY] = A.INCOMPLETE
+        self._finish(request_id, req.last_ns, None)
+
     # ---- request state -------------------------------------------------------------------------
     def _request(
         self, request_id: str, ts: int, user: object, ctx: Context | None, fresh: bool = False
@@ -168,12 +227,12 @@ class Assembler:
             if remote is not None:
                 trace_id = remote.trace_id
             else:
-                trace_id, ctx = new_trace_id(), None
+                trace_id, ctx = self._id_source.trace_id(request_id, ts), None
             sampled = self._sampler(ctx, trace_id)
             span = SpanState(
                 REQUEST_SPAN_NAME,
                 trace_id,
-                new_span_id(),
+                self._id_source.span_id(trace_id, request_id, REQUEST_SPAN_NAME, ts),
                 remote.span_id if remote is not None else 0,
                 bool(remote is not None and remote.is_remote),
                 sampled,
@@ -190,7 +249,7 @@ class Assembler:
         span = SpanState(
             name,
             req.trace_id,
-            new_span_id(),
+            self._id_source.span_id(req.trace_id, req.request_id, name, ts),
             parent,
             not req.owner and name == stage,
             req.sampled,
@@ -312,7 +371,8 @@ class Assembler:
             span.last_ns = ts
             if action is Action.POINT_CLOSE:
                 self._close(req, span, ts)
-        self._line(rec, req, span.span_id, stage)
+        if self._mirror:
+            self._line(rec, req, span.span_id, stage)
 
     def _innermost(self, req: RequestState) -> SpanState | None:
         if req.open:

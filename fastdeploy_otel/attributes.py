@@ -14,6 +14,9 @@ ANOMALY = "fastdeploy.anomaly"
 IMPLICIT_START = "fastdeploy.implicit_start"
 ABORTED = "fastdeploy.aborted"
 ABORT_REASON = "fastdeploy.abort_reason"
+# Spans rebuilt from trace.log by `fastdeploy-otel replay`; a lifecycle cut short there is "incomplete".
+REPLAYED = "fastdeploy.replayed"
+INCOMPLETE = "incomplete"
 
 # Cache decision events on the SCHEDULE span.
 CACHE_MATCHED_TOKENS = "fastdeploy.cache.matched_tokens"

@@ -20,7 +20,7 @@ def test_micro_bench_smoke(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--no-serving", "--requests", "12", "--rounds", "1", "--threads", "1,2",
-         "--rss-requests", "200", "--json", str(out)],
+         "--rss-requests", "200", "--replay-lines", "20000", "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -30,6 +30,7 @@ def test_micro_bench_smoke(tmp_path):
     sys.path.insert(0, ROOT)
     try:
         from bench.micro import MICRO_KEYS
+        from bench.replay import REPLAY_KEYS
         from bench.serving import SERVING_KEYS
     finally:
         sys.path.remove(ROOT)
@@ -37,10 +38,12 @@ def test_micro_bench_smoke(tmp_path):
     per_thread = ("legacy_us", "hot_path_us", "disabled_us", "naive_sdk_us", "legacy_total_cpu_us", "total_cpu_us",
                   "naive_sdk_total_cpu_us", "hot_path_ratio", "total_cpu_ratio", "disabled_ratio", "naive_sdk_ratio")
     required = list(MICRO_KEYS) + [f"{k}_2t" for k in per_thread] + ["cores", "micro_requests", "micro_rounds"]
+    required += list(REPLAY_KEYS)
     bad = {k: res.get(k) for k in required if not _finite(res.get(k))}
     assert not bad, bad
     assert res["micro_threads"] == [1, 2]
     assert res["rss_in_flight_requests"] == 200
+    assert res["replay_lines"] >= 20000
     assert res["spans_per_request"] == 10 and res["events_per_request"] == 21
     for t in ("1", "2"):
         row = res["by_threads"][t]

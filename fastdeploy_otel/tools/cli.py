@@ -7,6 +7,8 @@ fastdeploy-otel check-config            validate the tracing environment variabl
 fastdeploy-otel run [--] COMMAND ...    run COMMAND with every Python process it starts traced
                                         (FastDeploy's own tracing calls taken over; FD_TRACE=all
                                         unless set)
+fastdeploy-otel replay PATH... [--follow] [--jsonl F] [--html F] [--otlp] [--summary]
+                                        trace.log files (FastDeploy's or the mirror) to spans
 """
 
 from __future__ import annotations
@@ -204,6 +206,75 @@ def run(args: argparse.Namespace) -> int:
         return 127
 
 
+def replay(args: argparse.Namespace) -> int:
+    from .replay_cmd import Options, parse_time, run
+
+    try:
+        since = parse_time(args.since) if args.since else None
+        until = parse_time(args.until) if args.until else None
+    except ValueError as exc:
+        print(f"fastdeploy-otel replay: {exc}", file=sys.stderr)
+        return 2
+    opts = Options(
+        paths=args.paths,
+        follow=args.follow,
+        jsonl=args.jsonl,
+        html=args.html,
+        otlp=args.otlp,
+        summary=args.summary or not (args.jsonl or args.html or args.otlp),
+        since_ms=since,
+        until_ms=until,
+        request_ids=frozenset(args.request_id or ()),
+        ttl_s=args.ttl,
+        max_in_flight=args.max_in_flight,
+        from_end=args.from_end,
+        progress=args.progress,
+    )
+    return run(opts)
+
+
+def _add_replay(sub: argparse._SubParsersAction) -> None:
+    r = sub.add_parser(
+        "replay",
+        help="turn trace.log files (FastDeploy's or the mirror) into spans, a timeline and a summary",
+        description="Rebuild spans from trace.log lines, the way live tracing builds them. PATH is a file, "
+        "a directory (searched for trace.log, trace.log.YYYY-MM-DD, trace.log.N, .gz included) or - for "
+        "standard input. Without an output option the summary is printed. Exit status: 0 clean, 1 lines "
+        "skipped or spans not exported, 2 nothing to read or a bad option. See docs/REPLAY.md.",
+    )
+    r.add_argument("paths", nargs="+", metavar="PATH")
+    r.add_argument("-f", "--follow", action="store_true", help="keep following the files, like tail -F")
+    r.add_argument("--from-end", action="store_true", help="with --follow: skip what the files already hold")
+    r.add_argument("--jsonl", metavar="FILE", help="write spans as OTLP/JSON lines (- for standard output)")
+    r.add_argument("--html", metavar="FILE", help="write the request timeline (the demo's timeline.html)")
+    r.add_argument("--otlp", action="store_true", help="export spans over OTLP, configured by OTEL_* variables")
+    r.add_argument("--summary", action="store_true", help="print the summary table (the default output)")
+    r.add_argument("--since", metavar="T", help="only lines at or after T (epoch s, ISO date-time, or 15m/2h/1d ago)")
+    r.add_argument("--until", metavar="T", help="only lines at or before T")
+    r.add_argument("--request-id", action="append", metavar="RID", help="only this request (repeatable)")
+    r.add_argument(
+        "--ttl",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="a request with no line for S seconds ends as incomplete (default 600)",
+    )
+    r.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=100_000,
+        metavar="N",
+        help="requests open at once before the oldest ends as incomplete (default 100000)",
+    )
+    r.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show progress (default: on a terminal only)",
+    )
+    r.set_defaults(func=replay)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="fastdeploy-otel", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -227,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run", help="run a command with FastDeploy traced in every Python process it starts")
     r.add_argument("argv", nargs=argparse.REMAINDER, metavar="[--] COMMAND ARGS", help="the command to run")
     r.set_defaults(func=run)
+    _add_replay(sub)
     args = p.parse_args(argv)
     try:
         return args.func(args)

@@ -1,0 +1,274 @@
+"""Replay: trace.log lines, in timestamp order, into the spans live tracing would have made.
+
+Each line becomes the Record that ``trace_print`` queues and goes through the live ``Assembler``, so
+replayed spans follow the same span plan (names, nesting, events, anomalies).  What trace.log does
+not say is decided here:
+
+* **Which request.**  Lines are grouped by request id; a per-choice id (``X_0``, ``X::n::0``) joins
+  its base request ``X``, and a base id joins a request that began under one of its choice ids.
+* **Ids.**  A line's trace_id is the request's trace id, and a mirror line's span_id is the id of the
+  span its event belongs to, so a replayed mirror reproduces the live ids.  The request span's id is
+  derived from the request's first line (``_assembler.request_span_id``), as live.  Anything else is
+  derived from the request id and its first timestamp: replaying the same files gives the same ids.
+  A trace id first seen on a later line (FastDeploy writes ``unknown`` until its context exists) is
+  adopted by the whole request, since its spans are held until the request ends.
+* **Times.**  A line says its millisecond; the event is put in the middle of it (within 0.5 ms).
+* **When a request ends.**  At POSTPROCESSING_END, the last event of every lifecycle that answers a
+  client.  A lifecycle that stops short (end of input, idle past the TTL, or pushed out by the
+  in-flight cap) ends at its last event marked ``fastdeploy.anomaly=incomplete``, not as an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+from collections.abc import Callable, Sequence
+
+from .. import attributes as A
+from .._assembler import Assembler, request_span_id
+from .._records import EVENT, FINISH, SpanState
+from ..events import LoggingEventName
+from ..span_plan import PLAN, REQUEST_SPAN_NAME, Action
+from .tracelog import TraceLine
+
+__all__ = ["Replayer", "ReplayIds", "base_request_id"]
+
+_CHOICE = re.compile(r"(?:_|::n::)\d+\Z")
+_END = LoggingEventName.POSTPROCESSING_END
+_NO_THREAD = threading.main_thread()  # Records name a thread; only mirror lines use it, and a replay makes none
+_HALF_MS = 500_000
+_RECENT = 10_000  # finished request ids remembered, so that a late line joins its request
+
+
+def base_request_id(request_id: str) -> str:
+    """The request a per-choice id belongs to (``X_0`` and ``X::n::0`` -> ``X``)."""
+    m = _CHOICE.search(request_id)
+    return request_id[: m.start()] if m is not None and m.start() > 0 else request_id
+
+
+def _derive(nbytes: int, *parts: object) -> int:
+    key = "/".join(map(str, parts)).encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(key, digest_size=nbytes).digest(), "big") or 1
+
+
+_GOLDEN = 0x9E3779B97F4A7C15
+_M64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser: distinct inputs give distinct, well spread 64-bit ids (cheaper than a hash)."""
+    x &= _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return (x ^ (x >> 31)) or 1
+
+
+def _target(step_name: LoggingEventName, open_spans: dict[str, SpanState]) -> str:
+    """The span the event belongs to, i.e. the span whose id its mirror line carries."""
+    step = PLAN[step_name]
+    if step.action is Action.OPEN:
+        return step.unless_open if step.unless_open and step.unless_open in open_spans else step.span
+    if step.action is Action.CLOSE:
+        return step.span
+    return step.stage
+
+
+class ReplayIds:
+    """The assembler's ids during a replay: from the line being fed where it has them, else derived."""
+
+    def __init__(self) -> None:
+        self.line: TraceLine | None = None
+        self.preset: str = ""  # the span name the line's span_id is for
+        self._opened: dict[int, int] = {}  # spans opened so far per trace: tells apart spans of one ms
+
+    def trace_id(self, request_id: str, ts_ns: int) -> int:
+        line = self.line
+        if line is not None and line.trace_id:
+            return line.trace_id
+        return _derive(16, "trace", request_id, ts_ns // 1_000_000)
+
+    def span_id(self, trace_id: int, request_id: str, name: str, ts_ns: int) -> int:
+        line = self.line
+        if name == REQUEST_SPAN_NAME:
+            return request_span_id(trace_id, line.request_id if line is not None else request_id, ts_ns)
+        if line is not None and line.span_id and name == self.preset:
+            return line.span_id
+        n = self._opened.get(trace_id, 0) + 1
+        self._opened[trace_id] = n
+        return _mix64((trace_id ^ (trace_id >> 64)) + n * _GOLDEN)
+
+    def forget(self, trace_id: int) -> None:
+        self._opened.pop(trace_id, None)
+
+
+class Replayer:
+    """Feeds lines to an Assembler and hands each ended request's spans to `emit`, marked replayed."""
+
+    def __init__(
+        self,
+        emit: Callable[[Sequence[SpanState]], None],
+        ttl_s: float = 600.0,
+        max_in_flight: int = 100_000,
+    ) -> None:
+        self._emit = emit
+        self.ids = ReplayIds()
+        self.ttl_ns = int(ttl_s * 1e9)
+        self.max_in_flight = max_in_flight
+        # The assembler's own cap would end a request as an ERROR ("evicted"); ours ends it incomplete first.
+        self.asm = Assembler(lambda ctx, trace_id: True, False, max_in_flight + 1, self.ttl_ns, self.ids, mirror=False)
+        self._keys: dict[str, str] = {}  # a base id -> the key of the in-flight request that began under a choice id
+        self._base_seen: dict[str, str] = {}  # such a key -> its base id, once a line used it
+        self._recent: dict[str, str] = {}  # ids of recently ended requests -> their key
+        self._pinned: set[str] = set()  # requests whose trace id came from a line
+        self._held: dict[int, list[SpanState]] = {}  # finished spans by trace id, until their request ends
+        self._fed = 0
+        self._next_sweep = 4096
+        self.requests = 0  # requests ended (spans emitted)
+        self.incomplete = 0
+        self.last_ns = 0
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.asm.requests)
+
+    # ---- lines ----------------------------------------------------------------------------------
+    def _key(self, rid: str) -> str:
+        requests = self.asm.requests
+        if rid in requests:
+            return rid
+        key = self._keys.get(rid)
+        if key is not None:
+            self._base_seen[key] = rid
+            return key
+        base = base_request_id(rid)
+        if base != rid and base in requests:
+            return base
+        return self._recent.get(rid) or self._recent.get(base) or rid
+
+    def feed(self, line: TraceLine) -> None:
+        """One line; lines should come in timestamp order (a little disorder is an anomaly, not a failure)."""
+        asm = self.asm
+        requests = asm.requests
+        ts_ms, rid, event, user, trace_id, span_id = line
+        key = rid if rid in requests else self._key(rid)
+        ts = ts_ms * 1_000_000 + _HALF_MS  # the middle of its millisecond: within 0.5 ms of the event
+        req = requests.get(key)
+        if req is None:
+            if len(requests) >= self.max_in_flight:
+                self.end(next(iter(requests)))
+            base = base_request_id(key)
+            if base != key:
+                self._keys[base] = key
+        elif trace_id and req.trace_id != trace_id and key not in self._pinned:
+            self._adopt(key, trace_id)
+        ids = self.ids
+        ids.line = line
+        if span_id:
+            ids.preset = _target(event, req.open if req is not None else {})
+            if req is not None:
+                self._pin_span(key, ids.preset, span_id)
+        asm.handle((EVENT, ts, event, key, user, None, _NO_THREAD, None, "", 0))  # type: ignore[arg-type]
+        if trace_id:
+            self._pinned.add(key)
+        if ts > self.last_ns:
+            self.last_ns = ts
+        if event is _END:
+            trace_id = requests[key].trace_id
+            asm.handle((FINISH, ts, None, key, None, None, _NO_THREAD, None, "", 0))  # type: ignore[arg-type]
+            self._ended(key, trace_id)
+        elif asm.spans:
+            self._hold(asm.take()[0])
+        self._fed += 1
+        if self._fed >= self._next_sweep:
+            self._next_sweep = self._fed + max(4096, len(requests))
+            self.sweep(self.last_ns)
+
+    def _pin_span(self, key: str, name: str, span_id: int) -> None:
+        """A line names the id of an open span that was opened with a derived one (implicitly, by an
+        event whose line did not carry it): the line is right; the span and its children follow it."""
+        req = self.asm.requests[key]
+        span = req.open.get(name)
+        if span is None or span.span_id == span_id:
+            return
+        old, span.span_id = span.span_id, span_id
+        for child in req.open.values():
+            if child.parent_id == old:
+                child.parent_id = span_id
+        for held in self._held.get(req.trace_id, ()):
+            if held.parent_id == old:
+                held.parent_id = span_id
+
+    def _adopt(self, key: str, trace_id: int) -> None:
+        """The request's trace id, first seen now: every span of the request takes it."""
+        req = self.asm.requests[key]
+        old = req.trace_id
+        req.trace_id = trace_id
+        if req.span is not None:
+            req.span.trace_id = trace_id
+        for span in req.open.values():
+            span.trace_id = trace_id
+        held = self._held.pop(old, [])
+        for span in held:
+            span.trace_id = trace_id
+        if held:
+            self._held.setdefault(trace_id, []).extend(held)
+        self.ids.forget(old)
+
+    # ---- ends -----------------------------------------------------------------------------------
+    def _hold(self, spans: list[SpanState]) -> None:
+        held = self._held
+        for s in spans:
+            got = held.get(s.trace_id)
+            if got is None:
+                held[s.trace_id] = [s]
+            else:
+                got.append(s)
+
+    def _ended(self, key: str, trace_id: int) -> None:
+        """The request `key` has left the assembler: hand its spans on."""
+        self._hold(self.asm.take()[0])
+        out = self._held.pop(trace_id, None)
+        base = self._base_seen.pop(key, None)
+        if out:
+            for s in out:
+                s.attributes[A.REPLAYED] = True
+                if base is not None and s.name == REQUEST_SPAN_NAME:
+                    s.attributes[A.REQUEST_ID] = A.capped(base)  # the request as its client knows it
+            self._emit(out)
+        self.ids.forget(trace_id)
+        self.requests += 1
+        self._pinned.discard(key)
+        base = base_request_id(key)
+        if self._keys.get(base) == key:
+            del self._keys[base]
+        self._recent[key] = key
+        if base != key:
+            self._recent[base] = key
+        while len(self._recent) > _RECENT:
+            del self._recent[next(iter(self._recent))]
+
+    def end(self, key: str) -> None:
+        """End the in-flight request `key` as incomplete."""
+        req = self.asm.requests.get(key)
+        if req is not None:
+            self.incomplete += 1
+            self.asm.end_incomplete(key)
+            self._ended(key, req.trace_id)
+
+    def sweep(self, now_ns: int) -> None:
+        """End the requests with no line for longer than the TTL (log time, or the clock when following)."""
+        cutoff = now_ns - self.ttl_ns
+        for key in [k for k, r in self.asm.requests.items() if r.last_ns < cutoff]:
+            self.end(key)
+
+    def finish(self) -> None:
+        """End of input: every request still in flight ends incomplete."""
+        for key in list(self.asm.requests):
+            self.end(key)
+        leftover = [s for spans in self._held.values() for s in spans]  # spans of requests already gone
+        self._held.clear()
+        if leftover:
+            for s in leftover:
+                s.attributes[A.REPLAYED] = True
+            self._emit(leftover)

@@ -1,0 +1,148 @@
+"""Finished SpanStates written out without the SDK: as OTLP/JSON lines, and as ``tools.spans.Span``.
+
+A replay turns hundreds of thousands of lines a second into spans; building a ReadableSpan, a
+protobuf message and its JSON for each (``_otlp_json``) costs several times the whole replay.
+The text written here is the same OTLP/JSON (hex ids, int64 as strings, enums as integers), and
+``tools.spans.read_spans`` reads it back into the same Spans that ``to_span`` makes directly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, TextIO
+
+from .._records import SpanState
+from ..attributes import text
+from .spans import STATUS_ERROR, Span
+
+__all__ = ["JsonLinesWriter", "encode_request", "to_span"]
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_SPAN_KIND_INTERNAL = 1
+
+
+def _any_value(v: Any) -> str:
+    """One OTLP/JSON AnyValue."""
+    t = type(v)
+    if t is str:
+        return '{"stringValue":' + _dumps(v) + "}"
+    if t is bool:
+        return '{"boolValue":true}' if v else '{"boolValue":false}'
+    if t is int:
+        return '{"intValue":"' + str(v) + '"}'
+    if t is float:
+        if math.isfinite(v):
+            return '{"doubleValue":' + repr(v) + "}"
+        return '{"doubleValue":"' + ("NaN" if math.isnan(v) else "Infinity" if v > 0 else "-Infinity") + '"}'
+    if isinstance(v, (list, tuple)):
+        return '{"arrayValue":{"values":[' + ",".join(_any_value(x) for x in v) + "]}}"
+    return '{"stringValue":' + _dumps(text(v)) + "}"
+
+
+_kv_cache: dict[tuple[str, object], str] = {}
+
+
+def _attributes(attrs: Mapping[str, Any]) -> str:
+    # The same few (key, string) pairs recur on every span of a request and every request: encode once.
+    cache = _kv_cache
+    out = []
+    for item in attrs.items():
+        v = item[1]
+        if type(v) is str or type(v) is bool:
+            kv = cache.get(item)
+            if kv is None:
+                if len(cache) > 50_000:
+                    cache.clear()
+                kv = cache[item] = '{"key":' + _dumps(item[0]) + ',"value":' + _any_value(v) + "}"
+        else:
+            kv = '{"key":' + _dumps(item[0]) + ',"value":' + _any_value(v) + "}"
+        out.append(kv)
+    return ",".join(out)
+
+
+def _span(s: SpanState) -> str:
+    parts = [
+        f'{{"traceId":"{s.trace_id:032x}","spanId":"{s.span_id:016x}"',
+        f',"parentSpanId":"{s.parent_id:016x}"' if s.parent_id else "",
+        ',"name":',
+        _dumps(s.name),
+        f',"kind":{_SPAN_KIND_INTERNAL},"startTimeUnixNano":"{s.start_ns}","endTimeUnixNano":"{s.end_ns}"',
+        ',"attributes":[',
+        _attributes(s.attributes),
+        "]",
+    ]
+    if s.events:
+        parts.append(',"events":[')
+        parts.append(
+            ",".join(
+                f'{{"timeUnixNano":"{ts}","name":{_dumps(name)},"attributes":[{_attributes(attrs)}]}}'
+                for name, ts, attrs in s.events
+            )
+        )
+        parts.append("]")
+    if s.error:
+        parts.append(f',"status":{{"code":{STATUS_ERROR},"message":{_dumps(s.error)}}}}}')
+    else:
+        parts.append(',"status":{}}')
+    return "".join(parts)
+
+
+def encode_request(spans: Iterable[SpanState], resource: Mapping[str, Any], scope: tuple[str, str]) -> str:
+    """One OTLP/JSON ExportTraceServiceRequest (one line, no newline) holding `spans`."""
+    head = (
+        '{"resourceSpans":[{"resource":{"attributes":['
+        + _attributes(resource)
+        + ']},"scopeSpans":[{"scope":{"name":'
+        + _dumps(scope[0])
+        + ',"version":'
+        + _dumps(scope[1])
+        + '},"spans":['
+    )
+    return head + ",".join(_span(s) for s in spans) + "]}]}]}"
+
+
+class JsonLinesWriter:
+    """Appends spans to a text stream as OTLP/JSON lines, `batch` spans to a line."""
+
+    def __init__(self, out: TextIO, resource: Mapping[str, Any], scope: tuple[str, str], batch: int = 512) -> None:
+        self._out = out
+        self._resource = dict(resource)
+        self._scope = scope
+        self._batch = batch
+        self._pending: list[SpanState] = []
+        self.written = 0
+
+    def write(self, spans: Sequence[SpanState]) -> None:
+        self._pending.extend(spans)
+        if len(self._pending) >= self._batch:
+            self.flush(sync=False)
+
+    def flush(self, sync: bool = True) -> None:
+        """Write what is pending as one line; `sync`: and push it to the file (follow mode)."""
+        if self._pending:
+            self._out.write(encode_request(self._pending, self._resource, self._scope) + "\n")
+            self.written += len(self._pending)
+            self._pending = []
+        if sync:
+            self._out.flush()
+
+
+def to_span(s: SpanState, resource: Mapping[str, Any], scope: str) -> Span:
+    """The Span that read_spans would give for `s` once written: no file in between."""
+    return Span(
+        name=s.name,
+        trace_id=f"{s.trace_id:032x}",
+        span_id=f"{s.span_id:016x}",
+        parent_span_id=f"{s.parent_id:016x}" if s.parent_id else "",
+        start_ns=s.start_ns,
+        end_ns=s.end_ns,
+        attributes=dict(s.attributes),
+        events=[{"name": name, "time_ns": ts, "attributes": dict(attrs)} for name, ts, attrs in s.events],
+        status_code=STATUS_ERROR if s.error else 0,
+        status_message=s.error or "",
+        resource=dict(resource),
+        kind=_SPAN_KIND_INTERNAL,
+        scope=scope,
+    )
