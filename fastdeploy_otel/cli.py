@@ -73,7 +73,7 @@ def demo(args: argparse.Namespace) -> int:
         print(f"[demo] spans also go to {endpoint}", flush=True)
     t0 = time.monotonic()
     with Stack(trace_mode="all", log_dir=logs, json_dir=json_dir, gpu_blocks=args.gpu_blocks,
-               cpu_blocks=args.cpu_blocks, max_batch=4) as stack:
+               cpu_blocks=args.cpu_blocks, max_batch=4, fault_injection=True) as stack:
         print(f"[demo] stack ready at {stack.base_url} in {time.monotonic() - t0:.1f}s; sending the workload", flush=True)
 
         def report(o, done, total):

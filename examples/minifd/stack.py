@@ -42,6 +42,7 @@ class Stack:
     gpu_blocks: int = 48
     cpu_blocks: int = 96
     max_batch: int = 8
+    fault_injection: bool = False  # the engine honours user="fault:<stage>" (MINIFD_FAULTS=1): demos and tests
     extra_env: dict[str, str] = field(default_factory=dict)
     startup_timeout_s: float = 90.0
 
@@ -70,6 +71,8 @@ class Stack:
         elif env.get("FD_TRACE_JSON_FILE"):  # one file per process: two writers must not share one
             root, ext = os.path.splitext(env["FD_TRACE_JSON_FILE"])
             env["FD_TRACE_JSON_FILE"] = f"{root}.{role}{ext or '.jsonl'}"
+        if self.fault_injection:
+            env["MINIFD_FAULTS"] = "1"
         env.update(self.extra_env)
         return env
 
