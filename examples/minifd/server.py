@@ -277,7 +277,7 @@ def _finite(value: float, param: str, low: float, high: float) -> None:
 def validate(body: CompletionRequest | ChatCompletionRequest, prompt_tokens: list[int], cfg: ModelConfig) -> None:
     """Everything the engine relies on, checked before it gets the request (BadRequest names the field)."""
     if body.model != MODEL_NAME:
-        raise ModelNotFound(f"the model {safe_text(body.model)!r} does not exist; this server serves {MODEL_NAME!r}", "model")
+        raise ModelNotFound(f"the model '{safe_text(body.model)}' does not exist; this server serves {MODEL_NAME!r}", "model")
     _finite(body.temperature, "temperature", 0.0, 2.0)
     if 0 < body.temperature < MIN_TEMPERATURE:
         raise BadRequest(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}", "temperature")
@@ -294,7 +294,7 @@ def validate(body: CompletionRequest | ChatCompletionRequest, prompt_tokens: lis
         raise BadRequest(f"user must be at most {MAX_USER_CHARS} characters", "user")
     for key, bias in (body.logit_bias or {}).items():
         if not (key.isascii() and key.isdigit() and int(key) < cfg.vocab_size):
-            raise BadRequest(f"logit_bias key {safe_text(key)!r} is not a token id (0..{cfg.vocab_size - 1})", "logit_bias")
+            raise BadRequest(f"logit_bias key '{safe_text(key)}' is not a token id (0..{cfg.vocab_size - 1})", "logit_bias")
         _finite(bias, "logit_bias", -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS)
     if not prompt_tokens:
         raise BadRequest("the prompt is empty", "prompt" if isinstance(body, CompletionRequest) else "messages")
