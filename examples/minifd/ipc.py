@@ -13,7 +13,7 @@ log = logging.getLogger("minifd.ipc")
 #: How often the engine says it is alive, and how long the API server waits before it calls the
 #: engine dead: the timeout is what bounds "noticed within 2 s".
 HEARTBEAT_S = 0.2
-HEARTBEAT_TIMEOUT_S = 1.5
+HEARTBEAT_TIMEOUT_S = 1.0
 #: Longest a send may block: a peer that stops reading must never freeze the sender.
 SEND_TIMEOUT_MS = 1000
 

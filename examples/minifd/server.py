@@ -30,6 +30,7 @@ import zmq
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from pydantic import BaseModel, Field
@@ -390,7 +391,7 @@ def create_app(client: EngineClient, model_cfg: ModelConfig) -> FastAPI:
             http_span = trace.get_current_span()
             return StreamingResponse(
                 stream(rid, engine_rid, body.user, q, operation, created, http_span),
-                media_type="text/event-stream", headers=headers,
+                media_type="text/event-stream", headers=headers, background=BackgroundTask(never_started, rid, engine_rid),
             )
         done = False
         try:
@@ -470,6 +471,13 @@ def create_app(client: EngineClient, model_cfg: ModelConfig) -> FastAPI:
             client.release(engine_rid, abort=not done)
             if not done:  # the client went away mid-stream
                 fdt.abort_request(rid, "client disconnected")
+
+    def never_started(rid: str, engine_rid: str) -> None:
+        """After the response: a client that left before the stream's first byte never ran its `finally`;
+        without this its routing entry, and the engine's work on it, would outlive it."""
+        if client.in_flight(engine_rid):
+            client.release(engine_rid, abort=True)
+            fdt.abort_request(rid, "client disconnected")
 
     def _sse(rid: str, operation: str, created: int, delta: str, reason: str | None) -> bytes:
         if operation == "chat":
