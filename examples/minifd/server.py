@@ -54,6 +54,7 @@ MAX_USER_CHARS = 256
 MAX_SEED = 2**63 - 1
 MIN_TEMPERATURE = 1e-5  # below this (but not 0) softmax(logits / T) overflows to NaN
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a bias value
+SUBMIT_WAIT_S = 1.0  # how long a request may wait for the engine's queue before it gets 503
 
 
 class BadRequest(ValueError):
@@ -217,18 +218,22 @@ class EngineClient:
         with self._lock:
             return engine_rid in self._streams
 
-    def submit(self, payload: dict[str, Any]) -> asyncio.Queue:
-        """Queue the request for the engine without blocking; EngineUnavailable when it cannot take it."""
+    async def submit(self, payload: dict[str, Any]) -> asyncio.Queue:
+        """Queue the request for the engine without blocking the event loop: non-blocking sends, retried
+        for up to SUBMIT_WAIT_S (a connection still being set up, a full queue); then EngineUnavailable."""
         if not self.healthy:
             raise EngineUnavailable(f"the engine is unavailable: {self.reason}")
         q: asyncio.Queue = asyncio.Queue()
         rid = payload["request_id"]
         with self._lock:
             self._streams[rid] = (asyncio.get_running_loop(), q)
-        if not send(self._push, payload, block=False):
-            with self._lock:
-                self._streams.pop(rid, None)
-            raise EngineUnavailable("the engine is not taking requests (not connected, or its queue is full)")
+        deadline = time.monotonic() + SUBMIT_WAIT_S
+        while not send(self._push, payload, block=False):
+            if not self.healthy or time.monotonic() > deadline:
+                with self._lock:
+                    self._streams.pop(rid, None)
+                raise EngineUnavailable(f"the engine is not taking requests ({self.reason or 'its queue is full'})")
+            await asyncio.sleep(0.01)
         return q
 
     def release(self, engine_rid: str, abort: bool) -> None:
@@ -379,7 +384,7 @@ def create_app(client: EngineClient, model_cfg: ModelConfig) -> FastAPI:
         headers = {"X-Request-Id": rid, TRACE_ID_HEADER: _trace_id_of(carrier) or ""}
         engine_rid = f"{rid}_0"  # FastDeploy's per-choice id
         try:
-            q = client.submit({
+            q = await client.submit({
                 "request_id": engine_rid, "user": body.user, "prompt_tokens": prompt_tokens,
                 "max_tokens": body.max_tokens, "temperature": body.temperature, "top_p": body.top_p,
                 "stream": body.stream, "seed": body.seed, "logit_bias": body.logit_bias, "trace_carrier": carrier,
