@@ -523,9 +523,9 @@ def create_app(client: EngineClient, model_cfg: ModelConfig) -> FastAPI:
         errors = exc.errors()
         first = errors[0] if errors else {}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = ".".join(loc) or None
-        message = f"{param or 'body'}: {first.get('msg', 'invalid request')}"
-        return reject(rid, BadRequest(message, safe_text(param) if param else None))
+        param = safe_text(".".join(loc)) if loc else None  # a dict key in `loc` is the client's text
+        message = f"{param or 'body'}: {safe_text(first.get('msg', 'invalid request'))}"
+        return reject(rid, BadRequest(message, param))
 
     return app
 
