@@ -252,7 +252,7 @@ def _assert_engine_death_handled(base_url: str, receiver, threads, results, kill
         assert root.is_error and "minifd.server.EngineUnavailable" in _exception_types(receiver, out["trace_id"])
 
 
-def test_stack_engine_sigkill_mid_stream(tmp_path, receiver):
+def test_stack_engine_sigkill_mid_stream_then_a_new_engine(tmp_path, receiver):
     with Stack(log_dir=str(tmp_path), otlp_endpoint=receiver.grpc_endpoint, extra_env=FAST_EXPORT) as s:
         threads, results = _start_long_requests(s.base_url, n_stream=2, n_plain=1)
         s.procs["engine"].send_signal(signal.SIGKILL)
@@ -264,6 +264,11 @@ def test_stack_engine_sigkill_mid_stream(tmp_path, receiver):
         assert resp.json()["error"]["code"] == "engine_unavailable"
         assert _root(receiver, resp.headers["x-trace-id"]).is_error
         assert httpx.get(s.base_url + "/v1/models", timeout=5).status_code == 200  # the event loop is free
+        s.procs["engine"].wait()
+        s.start_engine()  # a new engine connects to the same API server: healthy again, and serving
+        s._wait_healthy()
+        resp = httpx.post(s.base_url + "/v1/completions", json={"prompt": "again", "max_tokens": 3}, timeout=30)
+        assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] >= 1, resp.text
 
 
 def test_engine_thread_crash_marks_the_engine_unhealthy_and_it_exits(tmp_path, receiver):

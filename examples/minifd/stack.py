@@ -87,14 +87,20 @@ class Stack:
              "--engine-recv", to_engine, "--engine-send", from_engine],
             env=self._env("api"), stdout=open(os.path.join(self.log_dir, "api.out"), "ab"), stderr=subprocess.STDOUT,
         )
+        self.start_engine()
+        self.base_url = f"http://{'127.0.0.1' if self.host in ('0.0.0.0', '::') else self.host}:{port}"
+        self._wait_healthy()
+        return self
+
+    def start_engine(self) -> None:
+        """(Re)start the engine process; a new one connects to the running API server, which is healthy
+        again at its first heartbeat (what a supervisor restarting only the engine would rely on)."""
+        to_engine, from_engine = (f"ipc://{path}" for path in self._ipc)
         self.procs["engine"] = subprocess.Popen(
             [sys.executable, "-m", "minifd.engine", "--recv", to_engine, "--send", from_engine,
              "--gpu-blocks", str(self.gpu_blocks), "--cpu-blocks", str(self.cpu_blocks), "--max-batch", str(self.max_batch)],
             env=self._env("engine"), stdout=open(os.path.join(self.log_dir, "engine.out"), "ab"), stderr=subprocess.STDOUT,
         )
-        self.base_url = f"http://{'127.0.0.1' if self.host in ('0.0.0.0', '::') else self.host}:{port}"
-        self._wait_healthy()
-        return self
 
     def _wait_healthy(self) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
