@@ -69,16 +69,16 @@ class FuzzReport:
                 f"healthy afterwards: {self.healthy_after}")
 
 
-def make_case(rng: random.Random) -> tuple[str, bytes, dict[str, bytes]]:
+def make_case(rng: random.Random) -> tuple[str, bytes, dict[bytes, bytes]]:
     """(path, raw body, headers): a valid request with 0-3 fields replaced, or a body that is not one."""
     chat = rng.random() < 0.5
     path = "/v1/chat/completions" if chat else "/v1/completions"
-    headers = {"content-type": "application/json"}
+    headers = {b"content-type": b"application/json"}
     header = rng.choice(HEADER_VALUES) if rng.random() < 0.3 else None
     if header is not None:
-        headers["x-request-id"] = header  # type: ignore[assignment]
+        headers[b"x-request-id"] = header
     if rng.random() < 0.05:
-        return path, rng.choice(RAW_BODIES), headers  # type: ignore[return-value]
+        return path, rng.choice(RAW_BODIES), headers
     body: dict[str, Any] = {"max_tokens": rng.choice([1, 2, 4]), "temperature": rng.choice([0, 0.8])}
     body["messages" if chat else "prompt"] = (
         [{"role": "user", "content": f"fuzz {rng.random()}"}] if chat else f"fuzz {rng.random()}")
@@ -90,12 +90,12 @@ def make_case(rng: random.Random) -> tuple[str, bytes, dict[str, bytes]]:
         else:
             body[name] = value
     # NaN/Infinity are sent as the literals Python's json accepts; lone surrogates as \\ud800 escapes.
-    return path, json.dumps(body).encode(), headers  # type: ignore[return-value]
+    return path, json.dumps(body).encode(), headers
 
 
-def _check(client: httpx.Client, path: str, content: bytes, headers: dict[str, bytes], timeout: float) -> tuple[int | str, str]:
+def _check(client: httpx.Client, path: str, content: bytes, headers: dict[bytes, bytes], timeout: float) -> tuple[int | str, str]:
     """(status or failure kind, detail) for one request."""
-    label = f"{path} {content[:160]!r} {headers.get('x-request-id')!r}"
+    label = f"{path} {content[:160]!r} {headers.get(b'x-request-id')!r}"
     try:
         with client.stream("POST", path, content=content, headers=headers, timeout=timeout) as resp:
             body = b"".join(resp.iter_bytes())
@@ -130,7 +130,7 @@ def run(base_url: str, requests: int = 300, seed: int = 1, concurrency: int = 8,
     report = FuzzReport(requests=requests)
     t0 = time.monotonic()
     with httpx.Client(base_url=base_url) as client, cf.ThreadPoolExecutor(concurrency) as pool:
-        for status, detail in pool.map(lambda c: _check(client, *c, timeout), cases):
+        for status, detail in pool.map(lambda c: _check(client, c[0], c[1], c[2], timeout), cases):
             report.statuses[status] += 1
             if status == "hang":
                 report.hangs.append(detail)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal, overload
 
 import zmq
 
@@ -16,6 +16,12 @@ HEARTBEAT_S = 0.2
 HEARTBEAT_TIMEOUT_S = 1.0
 #: Longest a send may block: a peer that stops reading must never freeze the sender.
 SEND_TIMEOUT_MS = 1000
+
+
+@overload
+def messages(sock: zmq.Socket, stop: threading.Event, poll_ms: int = ..., idle: Literal[False] = ...) -> Iterator[dict[str, Any]]: ...
+@overload
+def messages(sock: zmq.Socket, stop: threading.Event, poll_ms: int = ..., *, idle: Literal[True]) -> Iterator[dict[str, Any] | None]: ...
 
 
 def messages(sock: zmq.Socket, stop: threading.Event, poll_ms: int = 100,
