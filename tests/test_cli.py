@@ -27,6 +27,22 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def start_serve(port: int, log_dir, env: dict[str, str]) -> subprocess.Popen:
+    """`fastdeploy-otel serve` on 127.0.0.1:port, returned once /health says 200 (stdout piped, as text)."""
+    proc = subprocess.Popen([*CLI, "serve", "--port", str(port), "--log-dir", str(log_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise AssertionError(f"serve did not become healthy: {proc.communicate()[0][-3000:]}")
+
+
 def test_demo_leaves_the_three_artefacts_and_a_summary(tmp_path):
     out = tmp_path / "demo-out"
     res = subprocess.run([*CLI, "demo", "--out", str(out)], capture_output=True, text=True, timeout=300,
@@ -52,19 +68,9 @@ def test_demo_leaves_the_three_artefacts_and_a_summary(tmp_path):
 def test_serve_runs_until_sigterm_then_flushes(tmp_path):
     port = free_port()
     log_dir = tmp_path / "log"
-    proc = subprocess.Popen([*CLI, "serve", "--port", str(port), "--log-dir", str(log_dir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=_clean_env(FD_TRACE="local"))
+    proc = start_serve(port, log_dir, _clean_env(FD_TRACE="local"))
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
         models = httpx.get(base + "/v1/models").json()
         assert models["data"][0]["id"] == "minifd-tiny"
         caller = "5" * 32  # FD_TRACE=local: no HTTP span, and trace.log still continues the caller's trace

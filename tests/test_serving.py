@@ -26,7 +26,7 @@ SHARED = "The quick brown fox jumps over the lazy dog; " * 2  # 90 bytes: 5 full
 def stack(tmp_path_factory, receiver):
     log_dir = str(tmp_path_factory.mktemp("stack"))
     with Stack(log_dir=log_dir, otlp_endpoint=receiver.grpc_endpoint, gpu_blocks=12, cpu_blocks=32, max_batch=4,
-               extra_env={"FD_TRACE_FLUSH_INTERVAL_MS": "50", "OTEL_BSP_SCHEDULE_DELAY": "100"}) as s:
+               fault_injection=True, extra_env={"FD_TRACE_FLUSH_INTERVAL_MS": "50", "OTEL_BSP_SCHEDULE_DELAY": "100"}) as s:
         s.client = httpx.Client(base_url=s.base_url, timeout=60)
         yield s
         s.client.close()
@@ -135,8 +135,8 @@ def test_validation_error_gets_400_and_an_error_trace(stack, receiver):
 
 def test_engine_exception_is_logged_with_ids_and_the_batch_carries_on(stack, receiver):
     good = {"prompt": "a normal request in the same batch", "max_tokens": 24, "temperature": 0}
-    bad = {"prompt": "a request whose logit_bias names a token outside the vocabulary", "max_tokens": 24,
-           "logit_bias": {"99999": 5.0}, "request_id": "req-engine-error"}
+    bad = {"prompt": "a request whose sampling fails in the engine (an injected fault)", "max_tokens": 24,
+           "user": "fault:sample", "request_id": "req-engine-error"}
     with httpx.Client(base_url=stack.base_url, timeout=60) as other:
         import threading
 
@@ -145,13 +145,13 @@ def test_engine_exception_is_logged_with_ids_and_the_batch_carries_on(stack, rec
         t.start()
         bad_resp = stack.client.post("/v1/completions", json=bad)
         t.join()
-    assert bad_resp.status_code == 500 and "IndexError" in bad_resp.json()["error"]["message"]
+    assert bad_resp.status_code == 500 and "InjectedFault" in bad_resp.json()["error"]["message"]
     assert out["good"].status_code == 200 and out["good"].json()["usage"]["completion_tokens"] == 24
     spans = spans_of(receiver, bad_resp.headers["x-trace-id"], lambda m: any(s.name == "PREFILL" for s in m))
     (prefill,) = [s for s in spans if s.name == "PREFILL"]
     assert prefill.is_error and prefill.resource["fastdeploy.role"] == "engine"
     (exc,) = [e for e in prefill.events if e["name"] == "exception"]
-    assert exc["attributes"]["exception.type"] == "IndexError"
+    assert exc["attributes"]["exception.type"] == "minifd.engine.InjectedFault"
     assert [s for s in spans if s.name == REQUEST_SPAN_NAME][0].is_error
     deadline = time.monotonic() + 5
     log = ""
@@ -159,7 +159,7 @@ def test_engine_exception_is_logged_with_ids_and_the_batch_carries_on(stack, rec
         time.sleep(0.1)
         log = open(os.path.join(stack.log_dir, "engine", "error.log")).read()
     assert f"[request_id=req-engine-error_0] [trace_id={prefill.trace_id}] [span_id={prefill.span_id}]" in log
-    assert "Traceback (most recent call last)" in log and "IndexError" in log
+    assert "Traceback (most recent call last)" in log and "InjectedFault" in log
 
 
 def test_stream_has_no_per_chunk_spans_and_abort_frees_the_request(stack, receiver):

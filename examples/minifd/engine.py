@@ -7,18 +7,27 @@
 
 Run as ``python -m minifd.engine --recv ADDR --send ADDR``; tracing is configured from the
 environment (FD_TRACE, FD_LOG_DIR, OTEL_*), as in FastDeploy.
+
+Fault containment (docs/RELIABILITY.md): an exception while handling one request, in any thread,
+fails that request alone (an error to its client, ``record_error`` on its span); the token
+processor sends a heartbeat every HEARTBEAT_S saying whether every thread is alive, and a thread
+that dies anyway makes the process report itself unhealthy and exit 1.  With ``MINIFD_FAULTS=1``
+a request whose ``user`` is ``fault:<stage>`` raises at that stage (insert, schedule, prefill,
+decode, sample, emit) and ``fault:kill:<stage>`` kills that stage's thread: how the tests prove all this.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import queue
+import sys
 import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import zmq
@@ -26,12 +35,23 @@ import zmq
 import fastdeploy_otel as fdt
 from fastdeploy_otel import LoggingEventName as E
 
-from .ipc import messages
+from .ipc import HEARTBEAT_S, configure_sender, messages, send
 from .kv_cache import NoFreeBlocks, PrefixCacheManager
 from .model import ModelConfig, TinyTransformer, sample
 from .tokenizer import EOS_ID
 
 log = logging.getLogger("minifd.engine")
+#: Set to "1" to honour fault-injection requests (tests and drills only).
+FAULTS_ENV = "MINIFD_FAULTS"
+STAGES = ("insert", "schedule", "prefill", "decode", "sample", "emit")
+
+
+class InjectedFault(RuntimeError):
+    """Raised at a stage on request (MINIFD_FAULTS=1, user "fault:<stage>"): a stand-in for any bug."""
+
+
+class InjectedThreadDeath(BaseException):
+    """Escapes every per-request guard (they catch Exception): the thread dies, as with a bug in the loop itself."""
 
 
 @dataclass(frozen=True)
@@ -46,13 +66,13 @@ class EngineConfig:
 class Request:
     rid: str
     user: str | None
-    prompt: list[int]
-    max_tokens: int
-    temperature: float
-    top_p: float
-    stream: bool
-    logit_bias: dict[int, float]
-    rng: np.random.Generator
+    prompt: list[int] = field(default_factory=list)
+    max_tokens: int = 0
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stream: bool = False
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    rng: np.random.Generator | None = None
     output: list[int] = field(default_factory=list)
     cached_tokens: int = 0
     started: bool = False  # INFERENCE_START was traced (a resumed request gets RESCHEDULED_INFERENCE_START)
@@ -83,7 +103,8 @@ class Engine:
         self._ctx = zmq.Context()
         self._recv = self._ctx.socket(zmq.PULL)
         self._recv.connect(recv_addr)
-        self._send = self._ctx.socket(zmq.PUSH)
+        self._send = self._ctx.socket(zmq.PUSH)  # the token processor thread's alone (ZMQ sockets are not thread-safe)
+        configure_sender(self._send, immediate=False)
         self._send.connect(send_addr)
         self.waiting: list[Request] = []
         self.running: list[Request] = []
@@ -93,30 +114,52 @@ class Engine:
         self._results: queue.Queue = queue.Queue(maxsize=1)
         self._outputs: queue.Queue = queue.Queue()
         self._stop = threading.Event()
+        self._faults = os.environ.get(FAULTS_ENV) == "1"
+        self.threads: list[threading.Thread] = []
+        self.fatal: str | None = None  # why the engine is unhealthy (a thread died); sent in the heartbeat
+
+    def _fault(self, req: Request, stage: str) -> None:
+        """Fault injection (off unless MINIFD_FAULTS=1): raise at `stage` when the request asks for it."""
+        if not self._faults or not isinstance(req.user, str) or not req.user.startswith("fault:"):
+            return
+        if req.user == f"fault:{stage}":
+            raise InjectedFault(f"fault injected at {stage} for {req.rid}")
+        if req.user == f"fault:kill:{stage}":
+            raise InjectedThreadDeath(f"thread killed at {stage} by {req.rid}")
 
     # ---- insert task thread (FastDeploy: _insert_zmq_task_to_scheduler) --------------------------
     def insert_loop(self) -> None:
         for msg in messages(self._recv, self._stop):
+            rid = msg.get("request_id")
+            if not isinstance(rid, str):
+                log.error("dropped a message without a request id: type=%r", msg.get("type"))
+                continue
             if msg.get("type") == "abort":
                 with self._lock:
-                    self._aborts.add(msg["request_id"])
+                    self._aborts.add(rid)
                     self._lock.notify()
                 continue
-            rid = msg["request_id"]
-            fdt.extract(rid, msg.get("trace_carrier"))
-            user = msg.get("user")
-            fdt.trace_print(E.PREPROCESSING_END, rid, user)
-            fdt.trace_print(E.REQUEST_SCHEDULE_START, rid, user)
-            fdt.trace_print(E.REQUEST_QUEUE_START, rid, user)
-            req = Request(
-                rid=rid, user=user, prompt=list(msg["prompt_tokens"]), max_tokens=int(msg["max_tokens"]),
-                temperature=float(msg["temperature"]), top_p=float(msg["top_p"]), stream=bool(msg["stream"]),
-                logit_bias={int(k): float(v) for k, v in (msg.get("logit_bias") or {}).items()},
-                rng=np.random.default_rng(msg.get("seed")),
-            )
-            with self._lock:
-                self.waiting.append(req)
-                self._lock.notify()
+            user = msg.get("user") if isinstance(msg.get("user"), str) else None
+            try:
+                self._insert(rid, user, msg)
+            except Exception as exc:  # this request fails; the loop takes the next one
+                self._outputs.put(StepResult(Request(rid=rid, user=user), error=exc))
+
+    def _insert(self, rid: str, user: str | None, msg: dict[str, Any]) -> None:
+        fdt.extract(rid, msg.get("trace_carrier"))
+        fdt.trace_print(E.PREPROCESSING_END, rid, user)
+        fdt.trace_print(E.REQUEST_SCHEDULE_START, rid, user)
+        fdt.trace_print(E.REQUEST_QUEUE_START, rid, user)
+        req = Request(
+            rid=rid, user=user, prompt=[int(t) for t in msg["prompt_tokens"]], max_tokens=int(msg["max_tokens"]),
+            temperature=float(msg["temperature"]), top_p=float(msg["top_p"]), stream=bool(msg["stream"]),
+            logit_bias={int(k): float(v) for k, v in (msg.get("logit_bias") or {}).items()},
+            rng=np.random.default_rng(msg.get("seed")),
+        )
+        self._fault(req, "insert")
+        with self._lock:
+            self.waiting.append(req)
+            self._lock.notify()
 
     # ---- scheduler thread (FastDeploy: _schedule_request_to_worker_v1 + resource manager) ---------
     def schedule_loop(self) -> None:
@@ -143,54 +186,69 @@ class Engine:
             return
         self._steps.put((prefills, decodes))
         for res in self._results.get():
-            self._after_step(res)
+            try:
+                self._after_step(res)
+            except Exception as exc:  # this request fails; the rest of the batch carries on
+                self._fail(res.req, exc)
 
     def _admit(self) -> list[Request]:
         admitted: list[Request] = []
-        bs = self.cfg.model.block_size
         while True:
             with self._lock:
                 if not self.waiting or len(self.running) >= self.cfg.max_batch:
                     return admitted
                 req = self.waiting[0]
-            tokens = req.tokens()
-            if not req.allocating:
-                req.allocating = True
-                fdt.trace_print(E.REQUEST_QUEUE_END, req.rid, req.user)
-                fdt.trace_print(E.RESOURCE_ALLOCATE_START, req.rid, req.user)
-            needed = -(-(len(tokens) + 1) // bs)
-            if self.cache.obtainable_gpu_blocks() < needed:
-                if not self.running and not admitted:
-                    self._fail(req, NoFreeBlocks(f"request needs {needed} KV blocks; the cache has {self.cfg.gpu_blocks}"))
-                    continue
-                return admitted  # wait for blocks to be freed
-            fdt.trace_print(E.PREPARE_PREFIX_CACHE_START, req.rid, req.user)
             try:
-                decision = self.cache.allocate_prompt(req.rid, tokens)
-            except NoFreeBlocks:
-                fdt.trace_print(E.PREPARE_PREFIX_CACHE_END, req.rid, req.user)
-                return admitted
+                outcome = self._admit_one(req, alone=not self.running and not admitted)
             except Exception as exc:  # this request fails; the others carry on
-                fdt.trace_print(E.PREPARE_PREFIX_CACHE_END, req.rid, req.user)
-                self._fail(req, exc, free=False)  # whatever blocks the id holds are not this request's
+                self._fail(req, exc)
                 continue
-            # The cache manager's own decision becomes the event on the SCHEDULE span.
-            fdt.trace_print(decision.kind, req.rid, req.user, **decision.event_attributes())
+            if outcome == "wait":
+                return admitted
+            if outcome == "admitted":
+                admitted.append(req)
+
+    def _admit_one(self, req: Request, alone: bool) -> Literal["admitted", "failed", "wait"]:
+        """Allocate the head of the waiting queue: admitted, failed (already reported) or wait for blocks."""
+        tokens = req.tokens()
+        if not req.allocating:
+            req.allocating = True
+            fdt.trace_print(E.REQUEST_QUEUE_END, req.rid, req.user)
+            fdt.trace_print(E.RESOURCE_ALLOCATE_START, req.rid, req.user)
+        needed = -(-(len(tokens) + 1) // self.cfg.model.block_size)
+        if self.cache.obtainable_gpu_blocks() < needed:
+            if alone:
+                self._fail(req, NoFreeBlocks(f"request needs {needed} KV blocks; the cache has {self.cfg.gpu_blocks}"))
+                return "failed"
+            return "wait"  # for blocks to be freed
+        fdt.trace_print(E.PREPARE_PREFIX_CACHE_START, req.rid, req.user)
+        try:
+            decision = self.cache.allocate_prompt(req.rid, tokens)
+        except NoFreeBlocks:
             fdt.trace_print(E.PREPARE_PREFIX_CACHE_END, req.rid, req.user)
-            fdt.trace_print(E.RESOURCE_ALLOCATE_END, req.rid, req.user)
-            fdt.trace_print(E.REQUEST_SCHEDULE_END, req.rid, req.user)
-            req.allocating = False
-            if not req.started:
-                req.cached_tokens = decision.matched_tokens
-                fdt.trace_print(E.INFERENCE_START, req.rid, req.user)
-                req.started = True
-            else:
-                fdt.trace_print(E.RESCHEDULED_INFERENCE_START, req.rid, req.user, preemptions=req.preemptions)
-            req.num_cached = decision.matched_tokens  # type: ignore[attr-defined]
-            with self._lock:
-                self.waiting.pop(0)
-                self.running.append(req)
-            admitted.append(req)
+            return "wait"
+        except Exception as exc:
+            fdt.trace_print(E.PREPARE_PREFIX_CACHE_END, req.rid, req.user)
+            self._fail(req, exc, free=False)  # whatever blocks the id holds are not this request's
+            return "failed"
+        # The cache manager's own decision becomes the event on the SCHEDULE span.
+        fdt.trace_print(decision.kind, req.rid, req.user, **decision.event_attributes())
+        fdt.trace_print(E.PREPARE_PREFIX_CACHE_END, req.rid, req.user)
+        self._fault(req, "schedule")  # after allocation: its blocks must come back
+        fdt.trace_print(E.RESOURCE_ALLOCATE_END, req.rid, req.user)
+        fdt.trace_print(E.REQUEST_SCHEDULE_END, req.rid, req.user)
+        req.allocating = False
+        if not req.started:
+            req.cached_tokens = decision.matched_tokens
+            fdt.trace_print(E.INFERENCE_START, req.rid, req.user)
+            req.started = True
+        else:
+            fdt.trace_print(E.RESCHEDULED_INFERENCE_START, req.rid, req.user, preemptions=req.preemptions)
+        req.num_cached = decision.matched_tokens  # type: ignore[attr-defined]
+        with self._lock:
+            self.waiting.pop(0)
+            self.running.append(req)
+        return "admitted"
 
     def _reserve_decode_slots(self, reqs: list[Request]) -> list[Request]:
         """A KV slot for each decoding request's next token; preempt the newest when blocks run out."""
@@ -198,14 +256,17 @@ class Engine:
         for req in list(reqs):
             if req not in self.running:
                 continue  # preempted below as a victim
-            pos = len(req.tokens()) - 1
-            while not self.cache.append_slot(req.rid, pos):
-                victim = self.running[-1]
-                self._preempt(victim)
-                if victim is req:
-                    break
-            else:
-                ready.append(req)
+            try:
+                pos = len(req.tokens()) - 1
+                while not self.cache.append_slot(req.rid, pos):
+                    victim = self.running[-1]
+                    self._preempt(victim)
+                    if victim is req:
+                        break
+                else:
+                    ready.append(req)
+            except Exception as exc:  # this request fails; the others still decode
+                self._fail(req, exc)
         return [r for r in ready if r in self.running]
 
     def _preempt(self, req: Request) -> None:
@@ -264,6 +325,7 @@ class Engine:
             results: list[StepResult] = []
             for req in prefills:
                 try:
+                    self._fault(req, "prefill")
                     tokens = req.tokens()
                     logits = self.model.prefill(tokens, self.cache.block_table(req.rid), req.num_cached, self.cache.pool)  # type: ignore[attr-defined]
                     self.cache.mark_computed(req.rid)
@@ -271,12 +333,15 @@ class Engine:
                 except Exception as exc:
                     results.append(StepResult(req, error=exc))
             if decodes:
-                batch = [(r.output[-1], len(r.tokens()) - 1, self.cache.block_table(r.rid)) for r in decodes]
                 try:
-                    logits = self.model.decode(batch, self.cache.pool)
-                    rows = [logits[i] for i in range(len(decodes))]
-                except Exception as exc:
-                    rows = [exc] * len(decodes)
+                    rows: list[Any] = self._decode(decodes)
+                except Exception:  # find the culprit: decode one by one, so only it fails
+                    rows = []
+                    for req in decodes:
+                        try:
+                            rows.append(self._decode([req])[0])
+                        except Exception as exc:
+                            rows.append(exc)
                 for req, row in zip(decodes, rows):
                     if isinstance(row, BaseException):
                         results.append(StepResult(req, error=row))
@@ -287,7 +352,16 @@ class Engine:
                         results.append(StepResult(req, error=exc))
             self._results.put(results)
 
+    def _decode(self, reqs: list[Request]) -> list[Any]:
+        """One batched decode step; a row of logits per request."""
+        for req in reqs:
+            self._fault(req, "decode")
+        batch = [(r.output[-1], len(r.tokens()) - 1, self.cache.block_table(r.rid)) for r in reqs]
+        logits = self.model.decode(batch, self.cache.pool)
+        return [logits[i] for i in range(len(reqs))]
+
     def _sample(self, req: Request, logits: Any) -> int:
+        self._fault(req, "sample")
         arr = logits.numpy().astype(np.float64).reshape(-1)
         for token_id, bias in req.logit_bias.items():
             arr[token_id] += bias  # an id outside the vocabulary raises IndexError here, as it would in a real engine
@@ -295,24 +369,47 @@ class Engine:
 
     # ---- token processor thread (FastDeploy: TokenProcessor) -------------------------------------
     def token_loop(self) -> None:
+        """Outputs to the API server, and the heartbeat: this thread owns the send socket."""
+        send(self._send, {"type": "ready", "device": self.cache.pool.device})
+        last_beat = time.monotonic()
         while not self._stop.is_set():
+            if time.monotonic() - last_beat >= HEARTBEAT_S:
+                send(self._send, {"type": "heartbeat", "healthy": self.fatal is None, "reason": self.fatal})
+                last_beat = time.monotonic()
             try:
-                res = self._outputs.get(timeout=0.1)
+                res = self._outputs.get(timeout=HEARTBEAT_S / 2)
             except queue.Empty:
                 continue
-            req = res.req
-            if res.error is not None:
-                fdt.record_error(req.rid, res.error)
-                self._emit(req, finished=True, reason="error", error=f"{type(res.error).__name__}: {res.error}")
-                continue
-            if res.count == 1:
-                fdt.trace_print(E.FIRST_TOKEN_GENERATED, req.rid, req.user)
-                fdt.trace_print(E.DECODE_START, req.rid, req.user)
-            if res.finish_reason:
-                fdt.trace_print(E.INFERENCE_END, req.rid, req.user, output_tokens=res.count, finish_reasons=[res.finish_reason])
-                self._emit(req, finished=True, reason=res.finish_reason, tokens=[res.token] if req.stream else None)
-            elif req.stream:
-                self._emit(req, finished=False, tokens=[res.token])
+            try:
+                self._process(res)
+            except Exception as exc:  # this request fails (its client hears of it); the loop goes on
+                self._process_failed(res.req, exc)
+
+    def _process_failed(self, req: Request, exc: BaseException) -> None:
+        """A request whose output could not be processed: error to its client, and the scheduler drops it."""
+        with self._lock:
+            self._aborts.add(req.rid)
+            self._lock.notify()
+        try:
+            self._process(StepResult(req, error=exc))
+        except Exception:
+            log.exception("could not report the failure of %r", req.rid)
+
+    def _process(self, res: StepResult) -> None:
+        req = res.req
+        if res.error is not None:
+            fdt.record_error(req.rid, res.error)
+            self._emit(req, finished=True, reason="error", error=f"{type(res.error).__name__}: {res.error}")
+            return
+        self._fault(req, "emit")
+        if res.count == 1:
+            fdt.trace_print(E.FIRST_TOKEN_GENERATED, req.rid, req.user)
+            fdt.trace_print(E.DECODE_START, req.rid, req.user)
+        if res.finish_reason:
+            fdt.trace_print(E.INFERENCE_END, req.rid, req.user, output_tokens=res.count, finish_reasons=[res.finish_reason])
+            self._emit(req, finished=True, reason=res.finish_reason, tokens=[res.token] if req.stream else None)
+        elif req.stream:
+            self._emit(req, finished=False, tokens=[res.token])
 
     def _emit(self, req: Request, finished: bool, reason: str | None = None, error: str | None = None,
               tokens: list[int] | None = None) -> None:
@@ -329,26 +426,33 @@ class Engine:
                 trace_carrier=fdt.inject(req.rid),  # POSTPROCESSING travels back to the API server
             )
             fdt.finish_request(req.rid)
-        self._send.send_json(msg)
+        if not send(self._send, msg):
+            log.error("the API server is not reading; dropped the output of %r", req.rid)
 
     # ---- process ---------------------------------------------------------------------------------
-    def run(self) -> None:
-        threads = [
-            threading.Thread(target=self.insert_loop, name="insert_task"),
-            threading.Thread(target=self.schedule_loop, name="scheduler"),
-            threading.Thread(target=self.runner_loop, name="model_runner"),
-            threading.Thread(target=self.token_loop, name="token_processor"),
+    def run(self) -> int:
+        """Run the threads until stop(); 1 when one of them died (the process should exit non-zero)."""
+        self.threads = threads = [
+            threading.Thread(target=self.insert_loop, name="insert_task", daemon=True),
+            threading.Thread(target=self.schedule_loop, name="scheduler", daemon=True),
+            threading.Thread(target=self.runner_loop, name="model_runner", daemon=True),
+            threading.Thread(target=self.token_loop, name="token_processor", daemon=True),
         ]
         for t in threads:
             t.start()
-        self._send.send_json({"type": "ready", "device": self.cache.pool.device})
         try:
-            while not self._stop.wait(0.2):
-                pass
+            while not self._stop.wait(HEARTBEAT_S):
+                dead = [t.name for t in threads if not t.is_alive()]
+                if dead:
+                    self.fatal = f"engine thread {dead[0]} died"
+                    log.error("%s; the engine is unhealthy and exits", self.fatal)
+                    time.sleep(3 * HEARTBEAT_S)  # the token processor, if alive, tells the API server why
+                    return 1
+            return 0
         finally:
             self._stop.set()
-            for t in threads:
-                t.join(timeout=5)
+            for t in threads:  # a thread that lost its peer may never return: do not wait long for it then
+                t.join(timeout=5 if self.fatal is None else 0.5)
             self._recv.close(0)
             self._send.close(0)
             self._ctx.term()
@@ -374,9 +478,10 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, engine.stop)
     signal.signal(signal.SIGINT, engine.stop)
     try:
-        engine.run()
+        code = engine.run()
     finally:
         fdt.shutdown()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

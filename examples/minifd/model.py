@@ -23,6 +23,13 @@ from .tokenizer import VOCAB_SIZE
 if TYPE_CHECKING:  # pragma: no cover - import only for annotations (avoids a cycle)
     from .kv_cache import KVPool
 
+def host_tensor(arr: np.ndarray) -> paddle.Tensor:
+    """A tensor on the default device from a host array, without ``paddle.to_tensor``: in Paddle 3.x
+    each ``to_tensor`` call keeps ~100 bytes that are never freed (the engine's per-request leak, found
+    with tracemalloc); ``paddle.assign`` copies the same data and keeps nothing."""
+    return paddle.assign(np.ascontiguousarray(arr))
+
+
 #: One decode-batch entry: (token fed this step, its position, the request's block table).
 DecodeItem = tuple[int, int, Sequence[int]]
 
@@ -104,8 +111,8 @@ class TinyTransformer(nn.Layer):
         self._init_weights(cfg.seed)
         inv_freq = 1.0 / cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2) / cfg.head_dim)
         angles = np.outer(np.arange(cfg.max_context), inv_freq)  # [max_context, head_dim/2]
-        self.register_buffer("rope_cos", paddle.to_tensor(np.cos(angles).astype("float32")), persistable=False)
-        self.register_buffer("rope_sin", paddle.to_tensor(np.sin(angles).astype("float32")), persistable=False)
+        self.register_buffer("rope_cos", host_tensor(np.cos(angles).astype("float32")), persistable=False)
+        self.register_buffer("rope_sin", host_tensor(np.sin(angles).astype("float32")), persistable=False)
         self.eval()
 
     @paddle.no_grad()
@@ -139,10 +146,10 @@ class TinyTransformer(nn.Layer):
         """Run all layers over N tokens at the given positions; returns final hidden [N, dim]."""
         cfg = self.cfg
         n = len(tokens)
-        pos_t = paddle.to_tensor(np.asarray(positions, dtype="int64"))
+        pos_t = host_tensor(np.asarray(positions, dtype="int64"))
         cos = paddle.index_select(self.rope_cos, pos_t).unsqueeze(1)
         sin = paddle.index_select(self.rope_sin, pos_t).unsqueeze(1)
-        x = self.embed(paddle.to_tensor(np.asarray(tokens, dtype="int64")))
+        x = self.embed(host_tensor(np.asarray(tokens, dtype="int64")))
         for i, blk in enumerate(self.layers):
             qkv = blk.wqkv(blk.attn_norm(x)).reshape([n, 3, cfg.n_heads, cfg.head_dim])
             q = self._rope(qkv[:, 0], cos, sin)
@@ -164,9 +171,9 @@ class TinyTransformer(nn.Layer):
         n = len(blocks)
         idx = (
             paddle.full([n * h], layer, dtype="int64"),
-            paddle.to_tensor(np.repeat(blocks, h)),
-            paddle.to_tensor(np.tile(np.arange(h, dtype="int64"), n)),
-            paddle.to_tensor(np.repeat(offsets, h)),
+            host_tensor(np.repeat(blocks, h)),
+            host_tensor(np.tile(np.arange(h, dtype="int64"), n)),
+            host_tensor(np.repeat(offsets, h)),
         )
         paddle.index_put_(kv.k, idx, k.reshape([n * h, -1]))
         paddle.index_put_(kv.v, idx, v.reshape([n * h, -1]))
@@ -175,7 +182,7 @@ class TinyTransformer(nn.Layer):
         """Blocks [B, nb] of one layer -> contiguous [B, H, nb*block_size, hd]."""
         b, nb = block_ids.shape
         index = np.stack([np.full(b * nb, layer, dtype="int64"), block_ids.reshape(-1)], axis=1)
-        g = paddle.gather_nd(pool, paddle.to_tensor(index))  # [B*nb, H, bs, hd]
+        g = paddle.gather_nd(pool, host_tensor(index))  # [B*nb, H, bs, hd]
         g = g.reshape([b, nb, self.cfg.n_heads, self.cfg.block_size, self.cfg.head_dim])
         return g.transpose([0, 2, 1, 3, 4]).reshape([b, self.cfg.n_heads, nb * self.cfg.block_size, -1])
 
@@ -189,7 +196,7 @@ class TinyTransformer(nn.Layer):
         """Cache-free causal forward over the whole sequence -> logits [T, vocab] (reference)."""
         t = len(tokens)
         self._check_len(t)
-        causal = paddle.to_tensor(np.tril(np.ones((t, t), dtype=bool))[None, None])
+        causal = host_tensor(np.tril(np.ones((t, t), dtype=bool))[None, None])
 
         def attend(_: int, q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor) -> paddle.Tensor:
             out = self._attention(*(x.transpose([1, 0, 2]).unsqueeze(0) for x in (q, k, v)), causal)
@@ -218,7 +225,7 @@ class TinyTransformer(nn.Layer):
         pos = np.arange(num_cached, total, dtype="int64")
         blocks, offsets = table[pos // cfg.block_size], pos % cfg.block_size
         visible = np.arange(nb * cfg.block_size)[None, :] <= pos[:, None]  # [n, S]
-        mask = paddle.to_tensor(visible[None, None])  # [1, 1, n, S]
+        mask = host_tensor(visible[None, None])  # [1, 1, n, S]
         n = len(pos)
 
         def attend(layer: int, q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor) -> paddle.Tensor:
@@ -254,7 +261,7 @@ class TinyTransformer(nn.Layer):
         blocks = table[np.arange(len(batch)), pos // cfg.block_size]
         offsets = pos % cfg.block_size
         visible = np.arange(max_nb * cfg.block_size)[None, :] <= pos[:, None]  # [B, S]
-        mask = paddle.to_tensor(visible[:, None, None, :])  # [B, 1, 1, S]
+        mask = host_tensor(visible[:, None, None, :])  # [B, 1, 1, S]
         b = len(batch)
 
         def attend(layer: int, q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor) -> paddle.Tensor:

@@ -42,6 +42,7 @@ class Stack:
     gpu_blocks: int = 48
     cpu_blocks: int = 96
     max_batch: int = 8
+    fault_injection: bool = False  # the engine honours user="fault:<stage>" (MINIFD_FAULTS=1): demos and tests
     extra_env: dict[str, str] = field(default_factory=dict)
     startup_timeout_s: float = 90.0
 
@@ -70,6 +71,8 @@ class Stack:
         elif env.get("FD_TRACE_JSON_FILE"):  # one file per process: two writers must not share one
             root, ext = os.path.splitext(env["FD_TRACE_JSON_FILE"])
             env["FD_TRACE_JSON_FILE"] = f"{root}.{role}{ext or '.jsonl'}"
+        if self.fault_injection:
+            env["MINIFD_FAULTS"] = "1"
         env.update(self.extra_env)
         return env
 
@@ -84,14 +87,20 @@ class Stack:
              "--engine-recv", to_engine, "--engine-send", from_engine],
             env=self._env("api"), stdout=open(os.path.join(self.log_dir, "api.out"), "ab"), stderr=subprocess.STDOUT,
         )
+        self.start_engine()
+        self.base_url = f"http://{'127.0.0.1' if self.host in ('0.0.0.0', '::') else self.host}:{port}"
+        self._wait_healthy()
+        return self
+
+    def start_engine(self) -> None:
+        """(Re)start the engine process; a new one connects to the running API server, which is healthy
+        again at its first heartbeat (what a supervisor restarting only the engine would rely on)."""
+        to_engine, from_engine = (f"ipc://{path}" for path in self._ipc)
         self.procs["engine"] = subprocess.Popen(
             [sys.executable, "-m", "minifd.engine", "--recv", to_engine, "--send", from_engine,
              "--gpu-blocks", str(self.gpu_blocks), "--cpu-blocks", str(self.cpu_blocks), "--max-batch", str(self.max_batch)],
             env=self._env("engine"), stdout=open(os.path.join(self.log_dir, "engine.out"), "ab"), stderr=subprocess.STDOUT,
         )
-        self.base_url = f"http://{'127.0.0.1' if self.host in ('0.0.0.0', '::') else self.host}:{port}"
-        self._wait_healthy()
-        return self
 
     def _wait_healthy(self) -> None:
         deadline = time.monotonic() + self.startup_timeout_s

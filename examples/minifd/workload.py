@@ -2,7 +2,9 @@
 
 Shared prefixes (CACHE_HIT), unique prompts (CACHE_MISS), enough concurrent long generations to
 run out of KV blocks (swap-out, PREEMPTED) and then the shared prefix again (CACHE_SWAP_IN),
-streaming and non-streaming, one bad request, one engine-side error and one abandoned stream.
+streaming and non-streaming, one bad request, one engine-side error (a fault injected at sampling:
+the stack must run with ``fault_injection=True``, since validation keeps every real bad value out of
+the engine) and one abandoned stream.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def run(base_url: str, report: Callable[[Outcome, int, int], None], concurrency:
         [("shared prefix again", _chat("What is a span id?", stream=True), {"chat": True})],
         # 4. what goes wrong
         [("bad request (prompt too long)", {"prompt": "x" * 400, "max_tokens": 8}, {}),
-         ("engine error (bad logit_bias)", {"prompt": "bias me", "max_tokens": 8, "logit_bias": {"4242": 1.0}}, {}),
+         ("engine error (injected fault)", {"prompt": "sample me", "max_tokens": 8, "user": "fault:sample"}, {}),
          ("abandoned stream", {"prompt": "a stream the client walks away from", "max_tokens": 150, "temperature": 0,
                                "stream": True}, {"abandon_after": 3})],
     ]

@@ -84,6 +84,7 @@ def demo(args: argparse.Namespace) -> int:
         gpu_blocks=args.gpu_blocks,
         cpu_blocks=args.cpu_blocks,
         max_batch=4,
+        fault_injection=True,
     ) as stack:
         print(
             f"[demo] stack ready at {stack.base_url} in {time.monotonic() - t0:.1f}s; sending the workload", flush=True
@@ -118,6 +119,9 @@ def demo(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+ENGINE_DEATH_DRAIN_S = 3
+
+
 def serve(args: argparse.Namespace) -> int:
     _check_env()
     from minifd.stack import Stack
@@ -147,7 +151,15 @@ def serve(args: argparse.Namespace) -> int:
         while not stop.wait(0.5):
             dead = [role for role, p in stack.procs.items() if p.poll() is not None]
             if dead:
-                print(f"the {dead[0]} process exited; see {args.log_dir}/{dead[0]}.out", file=sys.stderr)
+                # Exit non-zero (a supervisor restarts us); the API server first gets ENGINE_DEATH_DRAIN_S to
+                # answer in-flight requests with errors and /health with 503 (docs/RELIABILITY.md).
+                drain = ENGINE_DEATH_DRAIN_S if dead == ["engine"] else 0
+                print(
+                    f"the {dead[0]} process exited; see {args.log_dir}/{dead[0]}.out; exiting 1 in {drain}s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                stop.wait(drain)
                 return 1
         print("shutting down: flushing spans and trace.log ...", flush=True)
     return 0
