@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
+EXAMPLES_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # minifd's parent
+
 ROLES = ("api", "engine")
 
 
@@ -58,6 +60,8 @@ class Stack:
         extra = env.get("OTEL_RESOURCE_ATTRIBUTES", "")
         env["OTEL_RESOURCE_ATTRIBUTES"] = ",".join(filter(None, [extra, f"fastdeploy.role={role}"]))
         env["PYTHONUNBUFFERED"] = "1"
+        # The processes run `python -m minifd.<role>`: minifd is importable from where this file lives.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [EXAMPLES_DIR, env.get("PYTHONPATH", "")]))
         if self.trace_mode:
             env["FD_TRACE"] = self.trace_mode
         if self.otlp_endpoint:

@@ -33,6 +33,41 @@ def _check_env() -> None:
         raise SystemExit(2)
 
 
+# The serving extras the example stack needs, by the module each one provides.
+_SERVE_MODULES = ("fastapi", "uvicorn", "httpx", "zmq", "paddle")
+
+
+def _example_stack() -> None:
+    """Make the example serving stack (``examples/minifd``) importable, or exit with what to do.
+
+    It is not part of the installed package: it runs from a source checkout, where ``examples/``
+    sits beside ``fastdeploy_otel/`` (or wherever ``FASTDEPLOY_OTEL_EXAMPLES`` points).
+    """
+    import importlib.util
+
+    missing = [m for m in _SERVE_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        print(
+            f"fastdeploy-otel: the example serving stack needs {', '.join(missing)}; "
+            "install them with: pip install 'fastdeploy-otel[serve,cpu]' (or '[serve,gpu]')",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    if importlib.util.find_spec("minifd") is not None:
+        return
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    examples = os.environ.get("FASTDEPLOY_OTEL_EXAMPLES") or os.path.join(here, "examples")
+    if not os.path.isdir(os.path.join(examples, "minifd")):
+        print(
+            "fastdeploy-otel: the example serving stack (examples/minifd) ships with the source repository, "
+            "not with the package; run this command from a checkout installed with "
+            "pip install -e '.[serve,cpu]', or set FASTDEPLOY_OTEL_EXAMPLES to its examples/ directory",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    sys.path.insert(0, examples)
+
+
 def _merge_mirrors(log_dir: str, out_path: str) -> int:
     """One trace.log for the demo: each process's lines, merged in timestamp order."""
     from ..mirror import parse_line
@@ -61,6 +96,7 @@ def _merge_json(json_dir: str, out_path: str) -> None:
 
 def demo(args: argparse.Namespace) -> int:
     _check_env()
+    _example_stack()
     from minifd import workload
     from minifd.stack import Stack
 
@@ -124,6 +160,7 @@ ENGINE_DEATH_DRAIN_S = 3
 
 def serve(args: argparse.Namespace) -> int:
     _check_env()
+    _example_stack()
     from minifd.stack import Stack
 
     stop = threading.Event()
