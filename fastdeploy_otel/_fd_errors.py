@@ -63,7 +63,7 @@ class RequestErrorHandler(logging.Handler):
                 found = takeover.request_of(token) or takeover.request_of(takeover.base_id(token))
                 if found is not None:
                     return found
-        return takeover.thread_request.get(threading.get_ident())
+        return takeover.current_request()
 
 
 def fastdeploy_loggers() -> list[logging.Logger]:

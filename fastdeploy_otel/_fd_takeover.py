@@ -19,6 +19,7 @@ Every replacement swallows its own errors: tracing never raises into FastDeploy.
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -29,6 +30,8 @@ from opentelemetry import trace
 
 import fastdeploy_otel as fdt
 from fastdeploy_otel import LoggingEventName
+from fastdeploy_otel import api as _api
+from fastdeploy_otel._records import EVENT
 
 CARRIER_KEY = "fastdeploy_otel"  # our carrier inside FastDeploy's trace_carrier dict
 _STAGES_FIELD = "fastdeploy-stages"  # the carrier field with the stage spans handed over (see the README)
@@ -42,6 +45,11 @@ _POST_END = LoggingEventName.POSTPROCESSING_END
 _TRANSFER_END = LoggingEventName.CHECK_CACHE_TRANSFER_END  # a PD prefill instance's last event
 
 _print = fdt.trace_print_for_caller
+_getframe = sys._getframe
+_time_ns = time.time_ns
+_current_thread = threading.current_thread
+_get_current = otel_context.get_current
+_NO_ATTRIBUTES: dict[str, Any] = {}  # shared: the assembler only reads a record's attributes
 _get_ident = threading.get_ident
 _attach, _detach = otel_context.attach, otel_context.detach
 
@@ -64,7 +72,7 @@ _ids: dict[str, tuple[str, str]] = {}
 _finishing: dict[str, tuple[dict[str, Any], float]] = {}
 _ended: dict[str, None] = {}
 # Per thread, the request it last recorded an event for (who an ERROR log line is about).
-thread_request: dict[int, str] = {}
+_thread = threading.local()
 # Attributes from trace_slice_add_attr / trace_event / trace_report_span, put on the next event.
 _annotations: dict[str, dict[str, Any]] = {}
 
@@ -78,13 +86,19 @@ _TABLES = (
     _ids,
     _finishing,
     _ended,
-    thread_request,
     _annotations,
 )
 
 
+def current_request() -> str | None:
+    """The request this thread last recorded an event for."""
+    return getattr(_thread, "request", None)
+
+
 def reset() -> None:
     """Forget every request (uninstrument)."""
+    global _thread
+    _thread = threading.local()
     for table in _TABLES:
         table.clear()
 
@@ -169,8 +183,21 @@ def trace_print(event: Any, request_id: Any, user: Any = None) -> None:
     """``fastdeploy.trace.trace_logger.print``: one lifecycle event, recorded by fastdeploy_otel."""
     try:
         key = _keys.get(request_id)
-        ev = _events.get(id(event), event)
-        if key is None or _annotations:
+        ev = _events.get(id(event))
+        rt = _api._runtime
+        if ev is not None and key is not None and not _annotations and rt is not None and type(user) is str:
+            # The common case (a FastDeploy enum member, a request already joined): the Record of
+            # _records.Record appended here, with no call in between, is most of what keeps the
+            # drop-in as cheap as a direct trace_print.
+            q = rt.queue
+            if len(q) < rt.max_pending:
+                f = _getframe(1)
+                q.append((EVENT, _time_ns(), ev, key, user, _NO_ATTRIBUTES, _current_thread(), _get_current(),
+                          f.f_code.co_filename, f.f_lineno))  # fmt: skip
+            else:
+                rt.full()
+        else:  # a request seen for the first time, pending attributes, or an event given as a string
+            ev = event if ev is None else ev
             key, extra, ctx = _prepare(ev, request_id)
             token = _attach(ctx) if ctx is not None else None
             try:
@@ -178,9 +205,7 @@ def trace_print(event: Any, request_id: Any, user: Any = None) -> None:
             finally:
                 if token is not None:
                     _detach(token)
-        else:
-            _print(ev, key, user)
-        thread_request[_get_ident()] = key
+        _thread.request = key
         if ev is _POST_START or ev is _POST_END or ev is _TRANSFER_END:
             _after_last_event(ev, key)
     except Exception:
