@@ -19,6 +19,9 @@ from collections.abc import Callable
 import fastdeploy_otel as fdt
 
 from . import _fd_takeover as takeover
+from ._selflog import get_logger
+
+logger = get_logger(__name__)
 
 # Tokens that may be request ids: chatcmpl-..., cmpl-..., req-123, ids with _n or ::n:: suffixes.
 _TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]*[A-Za-z0-9]")
@@ -47,8 +50,8 @@ class RequestErrorHandler(logging.Handler):
             if exc is None:
                 exc = record.getMessage().split("\n", 1)[0][:1024]
             fdt.record_error(request_id, exc)
-        except Exception:
-            pass
+        except Exception:  # never into FastDeploy's logging; said once a minute at most
+            logger.warning("a FastDeploy error record could not be put on its trace", exc_info=True)
         finally:
             self._busy.on = False
 

@@ -13,7 +13,7 @@ FastDeploy keys its OTel calls (``fastdeploy.metrics.trace``) by the base reques
 * our hand-over travels inside FastDeploy's own carrier dict under ``CARRIER_KEY``; FastDeploy's keys
   (``root_span``, ``prev_span``) stay, pointing at our request span.
 
-Every replacement swallows its own errors: tracing never raises into FastDeploy.
+Every replacement catches its own errors and logs them (rate-limited): tracing never raises into FastDeploy.
 """
 
 from __future__ import annotations
@@ -32,6 +32,10 @@ import fastdeploy_otel as fdt
 from fastdeploy_otel import LoggingEventName
 from fastdeploy_otel import api as _api
 from fastdeploy_otel._records import EVENT
+
+from ._selflog import get_logger
+
+logger = get_logger(__name__)
 
 CARRIER_KEY = "fastdeploy_otel"  # our carrier inside FastDeploy's trace_carrier dict
 _STAGES_FIELD = "fastdeploy-stages"  # the carrier field with the stage spans handed over (see the README)
@@ -208,8 +212,8 @@ def trace_print(event: Any, request_id: Any, user: Any = None) -> None:
         _thread.request = key
         if ev is _POST_START or ev is _POST_END or ev is _TRANSFER_END:
             _after_last_event(ev, key)
-    except Exception:
-        pass
+    except Exception:  # never into FastDeploy's call site; said once a minute at most
+        logger.warning("a FastDeploy trace event could not be recorded", exc_info=True)
 
 
 def _prepare(ev: Any, request_id: Any) -> tuple[str, dict[str, Any], otel_context.Context | None]:
@@ -290,12 +294,13 @@ def request_of(text_id: str) -> str | None:
 
 # ---- fastdeploy.metrics.trace replacements -------------------------------------------------------------
 def _guard(function: Callable) -> Callable:
-    """Run a replacement so that it never raises into FastDeploy; None on failure."""
+    """Run a replacement so that it never raises into FastDeploy: None on failure, said in the log."""
 
     def guarded(*args: Any, **kwargs: Any) -> Any:
         try:
             return function(*args, **kwargs)
         except Exception:
+            logger.warning("fastdeploy.metrics.trace.%s failed; tracing goes on", function.__name__, exc_info=True)
             return None
 
     guarded.__name__ = function.__name__
@@ -474,8 +479,8 @@ def from_dict_hook(original: Callable) -> Callable:
         try:
             if isinstance(d, Mapping) and d.get("trace_carrier") and d.get("request_id") is not None:
                 receive(d["request_id"], d["trace_carrier"])
-        except Exception:
-            pass
+        except Exception:  # the request goes on; its engine side starts a trace of its own
+            logger.warning("the trace carrier of a FastDeploy request could not be read", exc_info=True)
         return original(cls, d, *args, **kwargs)
 
     from_dict.__wrapped__ = original  # type: ignore[attr-defined]

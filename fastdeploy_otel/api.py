@@ -207,7 +207,7 @@ def _shutdown_at_exit() -> None:
     try:
         shutdown()
     except Exception:
-        pass
+        logger.warning("stopping tracing at exit failed; spans not yet exported are lost", exc_info=True)
 
 
 def shutdown(timeout: float | None = None) -> dict[str, int]:

@@ -153,7 +153,7 @@ def _reconfigure_after_fork() -> None:
         try:
             inst._ensure_configured()
         except Exception:
-            pass
+            logger.warning("could not start tracing in a forked FastDeploy process; it runs untraced", exc_info=True)
 
 
 os.register_at_fork(after_in_child=_reconfigure_after_fork)

@@ -220,3 +220,25 @@ def test_instrument_honours_a_tracer_provider_and_uninstrument_flushes(tmp_path)
         print(sorted(s.name for s in mem.get_finished_spans()))
     """, tmp_path, {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "FD_"))})
     assert "'POSTPROCESSING', 'fastdeploy.request'" in out, out
+
+
+class _Unhashable:
+    def __hash__(self) -> int:
+        raise RuntimeError("no hash")
+
+
+def test_a_failing_replacement_never_raises_into_fastdeploy_and_says_so_once(tmp_path, caplog):
+    import logging
+
+    import fastdeploy_otel as fdt
+    from fastdeploy_otel import _fd_takeover as takeover
+
+    caplog.set_level(logging.WARNING, logger="fastdeploy_otel")
+    fdt.configure(env={}, mode="local", log_dir=str(tmp_path / "log"))
+    try:
+        for _ in range(3):
+            takeover.trace_print("PREPROCESSING_START", _Unhashable(), "")  # the id lookup raises
+    finally:
+        fdt.shutdown()
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("fastdeploy_otel._fd_takeover")]
+    assert said.count("a FastDeploy trace event could not be recorded") == 1  # once, not per call
