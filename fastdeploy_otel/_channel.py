@@ -134,9 +134,8 @@ class ExportChannel(SpanProcessor, Generic[T]):
         self.lost += lost
         # Interrupt a retry back-off or a call in flight (the gRPC exporter closes its channel), without
         # waiting on an exporter that does not return.
-        stopper = threading.Thread(target=self._shutdown_exporter, name=f"{THREAD_PREFIX}-shutdown", daemon=True)
-        stopper.start()
-        stopper.join(max(0.05, min(0.5, deadline - time.monotonic())))
+        now = time.monotonic()
+        run_with_deadline(self._shutdown_exporter, max(now + 0.05, min(deadline, now + 0.5)))
         return lost
 
     def _shutdown_exporter(self) -> None:
@@ -234,3 +233,12 @@ class ExportChannel(SpanProcessor, Generic[T]):
                 "event (serving is not affected)",
                 self.target,
             )
+
+
+def run_with_deadline(fn: Callable[[], object], deadline: float) -> bool:
+    """Call `fn` on a daemon thread and wait for it until `deadline` (a time.monotonic() value);
+    False if it has not returned: a call that may never return cannot hold a deadline up."""
+    t = threading.Thread(target=fn, name=f"{THREAD_PREFIX}-deadline", daemon=True)
+    t.start()
+    t.join(max(0.0, deadline - time.monotonic()))
+    return not t.is_alive()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -34,7 +33,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from ._channel import THREAD_PREFIX as _THREAD_PREFIX
-from ._channel import ExportChannel
+from ._channel import ExportChannel, run_with_deadline
 from ._limits import Limits, limit_attributes
 from ._records import SpanState
 from ._selflog import get_logger
@@ -357,11 +356,3 @@ class OtelSink:
             out["spans_exported"] = self.channels[0].exported
             out["spans_export_failed"] = self.channels[0].failed
         return out
-
-
-def run_with_deadline(fn: Any, deadline: float) -> bool:
-    """Call `fn` on a daemon thread and wait for it until `deadline`; False if it has not returned."""
-    t = threading.Thread(target=fn, name="fastdeploy-otel-deadline", daemon=True)
-    t.start()
-    t.join(max(0.0, deadline - time.monotonic()))
-    return not t.is_alive()
