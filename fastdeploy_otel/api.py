@@ -125,7 +125,7 @@ def inject(request_id: str) -> dict[str, str]:
     except Exception:
         logger.warning(
             "inject(%r) failed; the request continues untraced downstream",
-            str(request_id)[:64],
+            text(request_id)[:64],
             exc_info=True,
         )
         return {}

@@ -444,6 +444,7 @@ def test_hostile_objects_never_raise_and_never_spoil_another_request(tmp_path):
     fdt.trace_print(E.PREPROCESSING_START, bad, bad)  # request id and user
     fdt.trace_print(E.PREPROCESSING_END, "ok-before", "u", weird=bad, listed=[bad, 1])
     fdt.extract("x", _BadMapping())
+    assert fdt.inject(bad) == {}  # its failure is logged with the id as text, never raised
     fdt.record_error(bad, bad)
     fdt.finish_request(bad)
     fdt.abort_request(bad, bad)
