@@ -34,6 +34,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status,
 
 from ._channel import THREAD_PREFIX as _THREAD_PREFIX
 from ._channel import ExportChannel, run_with_deadline
+from ._export_process import wire_of_state
 from ._limits import Limits, limit_attributes
 from ._records import SpanState
 from ._selflog import get_logger
@@ -159,6 +160,11 @@ def make_resource(settings: Settings) -> Resource:
     return _FixedResource(resource)
 
 
+def make_resource_from(attributes: dict[str, Any], schema_url: str | None) -> Resource:
+    """The serving process's resource, rebuilt in the export process (whose own pid is not the point)."""
+    return _FixedResource(Resource(attributes, schema_url))
+
+
 class OtelSink:
     """Builds finished spans and hands them to export channels; owns the provider when it made it.
 
@@ -180,7 +186,8 @@ class OtelSink:
             settings.attribute_length_limit,
         )
         options: dict[str, Any] = {**_BSP_DEFAULTS, **settings.bsp, "max_batch_bytes": settings.max_export_batch_bytes}
-        self.channels: list[ExportChannel] = []
+        self.channels: list[Any] = []  # ExportChannels, and the ProcessChannel first when there is one
+        self.process: Any = None  # the ProcessChannel: OTLP export from a side process
         self.provider: TracerProvider
         if isinstance(current, TracerProvider):
             # The application (e.g. `opentelemetry-instrument`) set up OTel: use its provider and pipeline.
@@ -192,7 +199,13 @@ class OtelSink:
                 span_limits=self._span_limits(),
                 shutdown_on_exit=False,  # api.py's exit hook stops us, within the shutdown deadline
             )
-            if settings.exporter != "none":
+            if settings.exporter == "otlp" and settings.export_process:
+                from ._export_process import ProcessChannel
+
+                target = settings.endpoint or ("localhost:4317" if settings.protocol == "grpc" else "localhost:4318")
+                self.process = ProcessChannel(settings, self.provider.resource, options, target)
+                self.channels.append(self.process)
+            elif settings.exporter != "none":
                 exporter, target = make_exporter(settings)
                 self.channels.append(ExportChannel(exporter, target, **options))
             _install_quiet()
@@ -204,6 +217,7 @@ class OtelSink:
         for channel in self.channels:
             self.provider.add_span_processor(channel)
         self._scope = InstrumentationScope(SCOPE, __version__)
+        self._scope_key = (SCOPE, __version__)
         self._ids = _PresetIds()
         self.tracer = self._preset_tracer()
         self.sampler = self.provider.sampler
@@ -270,6 +284,11 @@ class OtelSink:
         self.built += 1
 
     def _hand_over(self, s: SpanState) -> None:
+        process = self.process
+        if process is not None:  # as it is: the export process applies the limits
+            process.offer(wire_of_state(s, self._scope_key))
+            if len(self.channels) == 1:
+                return
         lim = self.limits
         events = s.events if len(s.events) <= lim.events else s.events[: lim.events]
         span = ReadableSpan(
@@ -290,7 +309,13 @@ class OtelSink:
             instrumentation_scope=self._scope,
         )
         for channel in self.channels:
-            channel.on_end(span)
+            if channel is not process:
+                channel.on_end(span)
+
+    def pump(self) -> None:
+        """Send what the export process has not had yet (the worker calls this at every flush)."""
+        if self.process is not None:
+            self.process.pump()
 
     def _replay_all(self, spans: Sequence[SpanState]) -> SpanExportResult:
         for s in spans:

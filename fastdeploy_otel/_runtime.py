@@ -116,6 +116,8 @@ class Runtime:
                         self.assembler.sweep(now)
                     spans, lines, errors = self.assembler.take()
                 self._ship(spans, lines, errors)
+                if self.sink is not None:
+                    self.sink.pump()
         except Exception:
             logger.warning("flushing traces failed", exc_info=True)
 

@@ -64,6 +64,8 @@ class Settings:
     flush_interval_s: float = (
         0.1  # how often the worker turns events into spans and lines (small batches: short GIL holds)
     )
+    # OTLP encoding and sending in a side process, off the serving process's GIL (OTLP exporter only)
+    export_process: bool = True
     shutdown_timeout_s: float = 5.0  # shutdown() returns within this, whatever the collector does
     max_export_batch_bytes: int = 3 * 1024 * 1024  # an export message stays under a collector's 4 MiB gRPC limit
     # The OTel span limits (OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT, ...), applied to every span we build.
@@ -191,6 +193,7 @@ def _from_env(env: Mapping[str, str]) -> tuple[dict[str, Any], list[ConfigError]
     read(("FD_TRACE_REQUEST_TTL",), "request_ttl_s", lambda n, v: _number(n, v, float, 0.001))
     read(("FD_TRACE_FLUSH_INTERVAL_MS",), "flush_interval_s", lambda n, v: _number(n, v, float, 1) / 1000)
 
+    read(("FD_TRACE_EXPORT_PROCESS",), "export_process", _bool)
     read(("FD_TRACE_SHUTDOWN_TIMEOUT_MS",), "shutdown_timeout_s", lambda n, v: _number(n, v, float, 0) / 1000)
     read(("FD_TRACE_MAX_EXPORT_BATCH_BYTES",), "max_export_batch_bytes", lambda n, v: _number(n, v, int, 1024))
     count = lambda n, v: _number(n, v, int, 0)  # noqa: E731

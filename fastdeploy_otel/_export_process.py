@@ -1,0 +1,629 @@
+"""OTLP export from a side process: spans leave the serving process as pickled tuples, and a child
+process builds, encodes and sends them.
+
+Why: OTLP protobuf encoding and the gRPC call are the biggest CPU cost tracing has, and in a serving
+process that CPU is spent holding the GIL the model loop and the event loop need.  Pickling a tuple
+of plain values is done in C, at a fraction of the cost.
+
+- Parent: ``ProcessChannel``, a SpanProcessor whose ``on_end``/``offer`` only append to a bounded
+  queue.  The tracing worker calls ``pump()`` at every flush: it pickles what is pending into one
+  frame and writes it to the child's stdin without ever blocking (a full pipe keeps frames in a
+  bounded outbox; past the bound they are dropped and counted).
+- Child (``python -m fastdeploy_otel._export_process``): rebuilds ReadableSpans and exports them
+  through an ``ExportChannel``, with the byte limits, shrinking and deadlines that has.  It answers
+  status, flush and close requests with its counters on a second pipe.
+- A child that dies is restarted (with back-off); the spans it held are counted as lost.  The
+  child exits when its stdin closes, so it never outlives its parent by more than its deadline.
+"""
+
+from __future__ import annotations
+
+import collections
+import fcntl
+import logging
+import os
+import pickle
+import select
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+
+from ._limits import Limits, limit_attributes
+from ._records import SpanState
+from ._selflog import get_logger
+
+logger = get_logger(__name__)
+
+_HEADER = struct.Struct("!I")
+_PIPE_SIZE = 1 << 20  # F_SETPIPE_SZ: room for about a second of spans while the child is busy
+_F_SETPIPE_SZ = 1031
+_MAX_OUTBOX_BYTES = 64 << 20  # what waits for a slow or restarting child, beyond the pipe
+_STATUS_EVERY_S = 1.0  # how often the child's counters are asked for (stats() freshness)
+_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)  # between restarts of a child that keeps dying
+_MAX_HELD_LOGS = 100
+_COUNTERS = ("received", "exported", "failed", "dropped", "lost", "truncated")
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_INTERNAL = SpanKind.INTERNAL.value
+
+
+class WireSpan(NamedTuple):
+    """A finished span as it crosses the pipe: plain values only, so that pickling stays in C."""
+
+    name: str
+    trace_id: int
+    span_id: int
+    parent_id: int  # 0: a root span
+    parent_remote: bool
+    kind: int  # SpanKind value
+    start_ns: int
+    end_ns: int
+    attributes: Mapping[str, Any]
+    events: Sequence[tuple[str, int, Mapping[str, Any]]]
+    links: Sequence[tuple[int, int, Mapping[str, Any]]]
+    status: int  # StatusCode value
+    description: str | None
+    scope: tuple[str, str | None]
+
+
+def wire_of_state(s: SpanState, scope: tuple[str, str | None]) -> WireSpan:
+    """One of our assembled spans, as it is: the child applies the span limits."""
+    return WireSpan(
+        s.name, s.trace_id, s.span_id, s.parent_id, s.parent_remote, _INTERNAL, s.start_ns, s.end_ns,
+        s.attributes, s.events, (), 2 if s.error else 0, s.error, scope,
+    )  # fmt: skip
+
+
+def wire_of_span(span: ReadableSpan) -> WireSpan:
+    """A span the SDK made (the HTTP server span, or one of ours with an exception recorded)."""
+    ctx, parent, scope = span.context, span.parent, span.instrumentation_scope
+    return WireSpan(
+        span.name,
+        ctx.trace_id if ctx else 0,
+        ctx.span_id if ctx else 0,
+        parent.span_id if parent else 0,
+        bool(parent and parent.is_remote),
+        span.kind.value,
+        span.start_time or 0,
+        span.end_time or 0,
+        dict(span.attributes or {}),
+        [(e.name, e.timestamp, dict(e.attributes or {})) for e in span.events],
+        [(lk.context.trace_id, lk.context.span_id, dict(lk.attributes or {})) for lk in span.links],
+        span.status.status_code.value,
+        span.status.description,
+        (scope.name, scope.version) if scope else ("", None),
+    )
+
+
+class _Frame(NamedTuple):
+    data: bytes
+    spans: int
+
+
+def _frame(message: Any) -> bytes:
+    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return _HEADER.pack(len(body)) + body
+
+
+_live: weakref.WeakSet[ProcessChannel] = weakref.WeakSet()
+
+
+def _close_after_fork() -> None:
+    """A forked child must not keep the export process's pipes open (its EOF is how it stops)."""
+    for channel in list(_live):
+        channel._forget()
+
+
+os.register_at_fork(after_in_child=_close_after_fork)
+
+
+class ProcessChannel(SpanProcessor):
+    """The parent's end: a bounded queue, pumped into the export process by the tracing worker.
+
+    Counters as ExportChannel's: every span offered ends up in exactly one of exported, failed,
+    dropped or lost (or is still on its way: ``queued``).
+    """
+
+    def __init__(self, settings: Any, resource: Any, options: dict[str, Any], target: str) -> None:
+        self.target = target
+        self._hello = ("hello", settings, dict(resource.attributes), resource.schema_url, options)
+        self._max_queue: int = options.get("max_queue_size", 8192)
+        self._pending: collections.deque[WireSpan | ReadableSpan] = collections.deque()
+        self._outbox: collections.deque[_Frame] = collections.deque()
+        self._outbox_bytes = 0
+        self._head_sent = 0  # bytes of the outbox's first frame already written
+        self._lock = threading.Lock()  # one pumper at a time
+        self._proc: subprocess.Popen | None = None
+        self._data_fd = -1
+        self._reply_fd = -1
+        self._replies = bytearray()
+        self._seq = 0
+        self._acked = 0
+        self._status_asked = 0.0
+        self._restarts = 0
+        self._next_start = 0.0
+        self._closing = False
+        self.offered = 0
+        self._sent_to_child = 0
+        self._child: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
+        self._base: dict[str, int] = dict.fromkeys(_COUNTERS, 0)  # from children that have exited
+        self._dropped_here = 0
+        self._lost_here = 0
+        _live.add(self)
+        with self._lock:
+            self._start()
+
+    # ---- the calling side: never blocks ----------------------------------------------------------
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        pass
+
+    def on_end(self, span: ReadableSpan) -> None:  # type: ignore[override]
+        """An SDK span ended (any thread): queued as it is, turned into a WireSpan at the next pump."""
+        self.offer(span)
+
+    def offer(self, span: WireSpan | ReadableSpan) -> None:
+        self.offered += 1
+        if len(self._pending) >= self._max_queue or self._closing:
+            self._dropped_here += 1
+            logger.warning("export queue for %s is full (%d spans); dropping spans (counted)", self.target, self._max_queue)
+            return
+        self._pending.append(span)
+
+    # ---- counters ----------------------------------------------------------------------------------
+    def _total(self, key: str) -> int:
+        return self._base[key] + self._child[key]
+
+    @property
+    def exported(self) -> int:
+        return self._total("exported")
+
+    @property
+    def failed(self) -> int:
+        return self._total("failed")
+
+    @property
+    def dropped(self) -> int:
+        return self._dropped_here + self._total("dropped")
+
+    @property
+    def lost(self) -> int:
+        return self._lost_here + self._total("lost")
+
+    @property
+    def truncated(self) -> int:
+        return self._total("truncated")
+
+    @property
+    def queued(self) -> int:
+        return max(0, self.offered - self.exported - self.failed - self.dropped - self.lost)
+
+    # ---- the worker's side ----------------------------------------------------------------------------
+    def pump(self) -> None:
+        """Send what is pending (called by the tracing worker at every flush); never blocks.  Skipped
+        while a flush or a shutdown is pumping on another thread."""
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            self._pump()
+        finally:
+            self._lock.release()
+
+    def _pump(self) -> None:
+        self._read_replies()
+        self._check_child()
+        if self._proc is None and not self._closing and time.monotonic() >= self._next_start:
+            self._start()
+        self._frame_pending()
+        now = time.monotonic()
+        if self._proc is not None and self._acked == self._seq and now - self._status_asked > _STATUS_EVERY_S:
+            self._status_asked = now
+            self._send_control("status")
+        self._write()
+
+    def _frame_pending(self) -> None:
+        q = self._pending
+        n = len(q)
+        if not n:
+            return
+        batch = [q.popleft() for _ in range(n)]
+        batch = [s if type(s) is WireSpan else wire_of_span(s) for s in batch]  # type: ignore[arg-type]
+        try:
+            data = _frame(("spans", batch))
+        except Exception:  # an attribute value that cannot be pickled: send the others
+            data = self._frame_each(batch)
+        self._queue_frame(_Frame(data, n))
+
+    def _frame_each(self, batch: list[WireSpan]) -> bytes:
+        good = []
+        for span in batch:
+            try:
+                pickle.dumps(span, protocol=pickle.HIGHEST_PROTOCOL)
+                good.append(span)
+            except Exception:
+                self._dropped_here += 1
+                logger.warning("a span with a value that cannot be sent to the export process was dropped (counted)")
+        return _frame(("spans", good)) if good else b""
+
+    def _queue_frame(self, frame: _Frame) -> None:
+        if not frame.data:
+            return
+        if self._outbox_bytes + len(frame.data) > _MAX_OUTBOX_BYTES and frame.spans:
+            self._dropped_here += frame.spans
+            logger.warning(
+                "the export process for %s is not keeping up (%d MiB waiting); dropping spans (counted)",
+                self.target,
+                self._outbox_bytes >> 20,
+            )
+            return
+        self._outbox.append(frame)
+        self._outbox_bytes += len(frame.data)
+
+    def _send_control(self, kind: str, *args: Any) -> int:
+        self._seq += 1
+        self._queue_frame(_Frame(_frame((kind, self._seq, *args)), 0))
+        return self._seq
+
+    def _write(self) -> None:
+        """Write as much of the outbox as the pipe takes now."""
+        while self._outbox and self._proc is not None:
+            frame = self._outbox[0]
+            try:
+                n = os.write(self._data_fd, memoryview(frame.data)[self._head_sent :])
+            except BlockingIOError:
+                return
+            except OSError:  # EPIPE: the child has gone
+                self._child_gone()
+                return
+            self._head_sent += n
+            if self._head_sent == len(frame.data):
+                self._outbox.popleft()
+                self._outbox_bytes -= len(frame.data)
+                self._head_sent = 0
+                self._sent_to_child += frame.spans
+
+    def _read_replies(self) -> None:
+        """Take the child's answers (counters, acknowledged request numbers) without waiting."""
+        if self._proc is not None and not self._drain_replies():
+            self._child_gone()
+            return
+        buf = self._replies
+        while len(buf) >= 4:
+            (size,) = _HEADER.unpack_from(buf)
+            if len(buf) < 4 + size:
+                break
+            try:
+                _, seq, counters, logs = pickle.loads(bytes(buf[4 : 4 + size]))
+                self._acked = max(self._acked, seq)
+                self._child.update({k: int(counters.get(k, 0)) for k in _COUNTERS})
+                for level, message in logs:  # the child's own log lines, said here where the app looks
+                    logger.log(level, message.replace("%", "%%"))
+            except Exception:
+                logger.warning("an unreadable answer from the export process was ignored")
+            del buf[: 4 + size]
+
+    def _drain_replies(self) -> bool:
+        """Read what the child has written; False at EOF (the child has gone)."""
+        while True:
+            try:
+                chunk = os.read(self._reply_fd, 65536)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            if not chunk:
+                return False
+            self._replies += chunk
+
+    # ---- the child process ----------------------------------------------------------------------------
+    def _start(self) -> None:
+        """Start the export process; the hello frame goes first, then any frames still waiting."""
+        data_r = data_w = reply_r = reply_w = -1
+        try:
+            data_r, data_w = os.pipe()
+            reply_r, reply_w = os.pipe()
+            env = dict(os.environ, FD_TRACE="off")  # the child itself is not traced
+            proc = subprocess.Popen(
+                [sys.executable, "-m", __name__, str(reply_w)],
+                stdin=data_r,
+                pass_fds=(reply_w,),
+                env=env,
+                close_fds=True,
+            )
+        except Exception as exc:
+            for fd in (data_r, data_w, reply_r, reply_w):
+                if fd >= 0:
+                    os.close(fd)
+            self._schedule_restart()
+            logger.error(
+                "the export process could not be started (%s); spans wait (bounded) and are retried "
+                "in %gs; trace.log keeps every event",
+                exc,
+                self._next_start - time.monotonic(),
+            )
+            return
+        os.close(data_r)
+        os.close(reply_w)
+        for fd in (data_w, reply_r):
+            os.set_blocking(fd, False)
+        try:
+            fcntl.fcntl(data_w, _F_SETPIPE_SZ, _PIPE_SIZE)
+        except OSError:
+            pass  # a smaller pipe only means more frames wait in the outbox
+        self._proc, self._data_fd, self._reply_fd = proc, data_w, reply_r
+        self._replies.clear()
+        self._child = dict.fromkeys(_COUNTERS, 0)
+        self._sent_to_child = 0
+        self._head_sent = 0  # a frame cut short by the last child's death is sent whole again
+        self._acked = self._seq
+        hello = _frame(self._hello)
+        self._outbox.appendleft(_Frame(hello, 0))
+        self._outbox_bytes += len(hello)
+
+    def _schedule_restart(self) -> None:
+        self._next_start = time.monotonic() + _BACKOFF_S[min(self._restarts, len(_BACKOFF_S) - 1)]
+        self._restarts += 1
+
+    def _check_child(self) -> None:
+        if self._proc is not None and self._proc.poll() is not None:
+            self._child_gone()
+
+    def _child_gone(self) -> None:
+        """The child died: what it held and had not accounted for is lost; a new one starts later.
+        (A frame it was sent only in part stays at the head of the outbox and goes whole to the next.)"""
+        proc = self._proc
+        if proc is None:
+            return
+        self._proc = None
+        if self._reply_fd >= 0:
+            self._drain_replies()  # its last answers, up to EOF
+        self._read_replies()
+        held = max(0, self._sent_to_child - sum(self._child[k] for k in _COUNTERS if k != "received"))
+        for key in _COUNTERS:
+            self._base[key] += self._child[key]
+        self._child = dict.fromkeys(_COUNTERS, 0)
+        self._lost_here += held
+        self._close_fds()
+        try:
+            rc = proc.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
+        if self._closing:
+            return
+        self._schedule_restart()
+        logger.error(
+            "the export process for %s exited (status %s); %d spans it held are lost (counted); "
+            "restarting in %gs, trace.log keeps every event",
+            self.target,
+            rc,
+            held,
+            self._next_start - time.monotonic(),
+        )
+
+    def _close_fds(self) -> None:
+        for fd in (self._data_fd, self._reply_fd):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._data_fd = self._reply_fd = -1
+
+    def _forget(self) -> None:
+        self._close_fds()
+        self._proc = None
+        self._closing = True
+
+    # ---- deadlines --------------------------------------------------------------------------------------
+    def _wait_for(self, seq: int, deadline: float) -> bool:
+        """Pump until the child has answered request `seq` or `deadline` passes."""
+        while self._acked < seq:
+            left = deadline - time.monotonic()
+            if left <= 0 or self._proc is None:
+                return False
+            want_write = [self._data_fd] if self._outbox else []
+            try:
+                select.select([self._reply_fd], want_write, [], min(left, 0.05))
+            except (OSError, ValueError):
+                return False
+            self._read_replies()
+            self._check_child()
+            self._write()
+        return True
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        """Everything offered so far exported (or counted), within the deadline."""
+        deadline = time.monotonic() + timeout_millis / 1000
+        with self._lock:
+            self._pump()
+            if self._proc is None:
+                return not self._pending and not self._outbox
+            seq = self._send_control("flush", max(0.0, deadline - time.monotonic() - 0.05))
+            return self._wait_for(seq, deadline)
+
+    def shutdown(self, timeout_millis: int = 5000) -> None:
+        self.begin_shutdown()
+        self.finish_shutdown(time.monotonic() + timeout_millis / 1000)
+
+    def begin_shutdown(self) -> None:
+        pass  # the child is told in finish_shutdown, once everything pending is framed
+
+    def finish_shutdown(self, deadline: float) -> int:
+        """Send what is left and let the child export it until `deadline`; count the rest as lost."""
+        before = self.lost
+        with self._lock:
+            self._frame_pending()
+            self._closing = True
+            if self._proc is not None:
+                seq = self._send_control("close", max(0.0, deadline - time.monotonic() - 0.1))
+                self._wait_for(seq, deadline)
+                proc = self._proc
+                if proc is not None:
+                    try:
+                        proc.wait(timeout=max(0.01, min(0.5, deadline - time.monotonic())))
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                    self._child_gone()
+            unsent = sum(f.spans for f in self._outbox) + len(self._pending)
+            self._outbox.clear()
+            self._pending.clear()
+            self._lost_here += unsent
+            self._close_fds()
+        return self.lost - before
+
+
+# ---- the export process --------------------------------------------------------------------------------
+class _Rebuilder:
+    """WireSpans back into ReadableSpans, with the OTel span limits applied."""
+
+    def __init__(self, resource: Any, limits: Limits) -> None:
+        self.resource = resource
+        self.limits = limits
+        self._scopes: dict[tuple[str, str | None], InstrumentationScope] = {}
+
+    def __call__(self, w: WireSpan) -> ReadableSpan:
+        lim = self.limits
+        scope = self._scopes.get(w.scope)
+        if scope is None:
+            scope = self._scopes[w.scope] = InstrumentationScope(*w.scope)
+        events = w.events if len(w.events) <= lim.events else w.events[: lim.events]
+        return ReadableSpan(
+            w.name,
+            SpanContext(w.trace_id, w.span_id, is_remote=False, trace_flags=_SAMPLED),
+            SpanContext(w.trace_id, w.parent_id, is_remote=w.parent_remote, trace_flags=_SAMPLED)
+            if w.parent_id
+            else None,
+            self.resource,
+            limit_attributes(dict(w.attributes), lim.attributes, lim.value_length),
+            [
+                Event(name, limit_attributes(dict(attrs), lim.event_attributes, lim.value_length), ts)
+                for name, ts, attrs in events
+            ],
+            [Link(SpanContext(t, s, is_remote=True, trace_flags=_SAMPLED), dict(a)) for t, s, a in w.links],
+            SpanKind(w.kind),
+            status=Status(StatusCode(w.status), w.description) if w.status else Status(StatusCode.UNSET),
+            start_time=w.start_ns,
+            end_time=w.end_ns,
+            instrumentation_scope=scope,
+        )
+
+
+class _Forward(logging.Handler):
+    """Holds the export process's log lines for its next answer: the parent logs them, through the
+    application's logging, where an operator looks (bounded; what overflows is counted)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.held: collections.deque[tuple[int, str]] = collections.deque()
+        self.overflow = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.held) >= _MAX_HELD_LOGS:
+            self.overflow += 1
+            return
+        self.held.append((record.levelno, self.format(record)))
+
+    def take(self) -> list[tuple[int, str]]:
+        out = [self.held.popleft() for _ in range(len(self.held))]
+        if self.overflow:
+            out.append((logging.WARNING, f"{self.overflow} more log lines of the export process were dropped"))
+            self.overflow = 0
+        return out
+
+
+def _read_message(stream: Any) -> Any:
+    header = stream.read(4)
+    if len(header) < 4:
+        return None
+    (size,) = _HEADER.unpack(header)
+    body = stream.read(size)
+    if len(body) < size:
+        return None
+    return pickle.loads(body)
+
+
+def serve(stream: Any, reply_fd: int) -> int:
+    """The export process's loop: spans in, counters out; returns when told to close or at EOF."""
+    from ._channel import ExportChannel
+    from ._export import _install_quiet, make_exporter, make_resource_from
+
+    forward = _Forward()
+    package = logging.getLogger(__package__)
+    package.addHandler(forward)
+    package.propagate = False
+    hello = _read_message(stream)
+    if not hello or hello[0] != "hello":
+        return 2
+    _, settings, attributes, schema_url, options = hello
+    exporter, target = make_exporter(settings)
+    _install_quiet()
+    channel: ExportChannel = ExportChannel(exporter, target, **options)
+    rebuild = _Rebuilder(
+        make_resource_from(attributes, schema_url),
+        Limits(
+            settings.attribute_count_limit,
+            settings.event_count_limit,
+            settings.event_attribute_count_limit,
+            settings.attribute_length_limit,
+        ),
+    )
+    received = 0
+
+    def reply(seq: int) -> None:
+        counters = {
+            "received": received,
+            "exported": channel.exported,
+            "failed": channel.failed,
+            "dropped": channel.dropped,
+            "lost": channel.lost,
+            "truncated": channel.truncated,
+        }
+        os.write(reply_fd, _frame(("ack", seq, counters, forward.take())))
+
+    while True:
+        message = _read_message(stream)
+        if message is None:  # the parent has gone: export what we hold, within the usual deadline
+            channel.begin_shutdown()
+            channel.finish_shutdown(time.monotonic() + settings.shutdown_timeout_s)
+            return 0
+        kind = message[0]
+        if kind == "spans":
+            for w in message[1]:
+                try:
+                    channel.on_end(rebuild(w))
+                except Exception:
+                    channel.failed += 1
+                    logger.warning("a span could not be rebuilt in the export process; dropped (counted)", exc_info=True)
+                received += 1
+        elif kind == "flush":
+            channel.force_flush(int(message[2] * 1000))
+            reply(message[1])
+        elif kind == "status":
+            reply(message[1])
+        elif kind == "close":
+            channel.begin_shutdown()
+            channel.finish_shutdown(time.monotonic() + message[2])
+            reply(message[1])
+            return 0
+
+
+def main() -> int:
+    # The parent decides when this process stops (by closing its stdin): a Ctrl-C or a SIGTERM sent
+    # to the whole process group must not lose the spans it holds.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    reply_fd = int(sys.argv[1])
+    return serve(os.fdopen(0, "rb", buffering=1 << 20), reply_fd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
