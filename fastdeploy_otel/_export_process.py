@@ -166,7 +166,7 @@ class ProcessChannel(SpanProcessor):
     def on_start(self, span: Any, parent_context: Any = None) -> None:
         pass
 
-    def on_end(self, span: ReadableSpan) -> None:  # type: ignore[override]
+    def on_end(self, span: ReadableSpan) -> None:
         """An SDK span ended (any thread): queued as it is, turned into a WireSpan at the next pump."""
         self.offer(span)
 
@@ -174,7 +174,9 @@ class ProcessChannel(SpanProcessor):
         self.offered += 1
         if len(self._pending) >= self._max_queue or self._closing:
             self._dropped_here += 1
-            logger.warning("export queue for %s is full (%d spans); dropping spans (counted)", self.target, self._max_queue)
+            logger.warning(
+                "export queue for %s is full (%d spans); dropping spans (counted)", self.target, self._max_queue
+            )
             return
         self._pending.append(span)
 
@@ -234,15 +236,21 @@ class ProcessChannel(SpanProcessor):
         n = len(q)
         if not n:
             return
-        batch = [q.popleft() for _ in range(n)]
-        batch = [s if type(s) is WireSpan else wire_of_span(s) for s in batch]  # type: ignore[arg-type]
+        batch = []
+        for _ in range(n):
+            span = q.popleft()
+            try:
+                batch.append(span if isinstance(span, WireSpan) else wire_of_span(span))
+            except Exception:
+                self._dropped_here += 1
+                logger.warning("a span that could not be read was dropped (counted)", exc_info=True)
         try:
-            data = _frame(("spans", batch))
+            frame = _Frame(_frame(("spans", batch)), len(batch))
         except Exception:  # an attribute value that cannot be pickled: send the others
-            data = self._frame_each(batch)
-        self._queue_frame(_Frame(data, n))
+            frame = self._frame_each(batch)
+        self._queue_frame(frame)
 
-    def _frame_each(self, batch: list[WireSpan]) -> bytes:
+    def _frame_each(self, batch: list[WireSpan]) -> _Frame:
         good = []
         for span in batch:
             try:
@@ -251,7 +259,7 @@ class ProcessChannel(SpanProcessor):
             except Exception:
                 self._dropped_here += 1
                 logger.warning("a span with a value that cannot be sent to the export process was dropped (counted)")
-        return _frame(("spans", good)) if good else b""
+        return _Frame(_frame(("spans", good)) if good else b"", len(good))
 
     def _queue_frame(self, frame: _Frame) -> None:
         if not frame.data:
@@ -602,7 +610,7 @@ def serve(stream: Any, reply_fd: int) -> int:
                     channel.on_end(rebuild(w))
                 except Exception:
                     channel.failed += 1
-                    logger.warning("a span could not be rebuilt in the export process; dropped (counted)", exc_info=True)
+                    logger.warning("a span could not be rebuilt for export; dropped (counted)", exc_info=True)
                 received += 1
         elif kind == "flush":
             channel.force_flush(int(message[2] * 1000))
