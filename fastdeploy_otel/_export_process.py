@@ -595,7 +595,10 @@ def serve(stream: Any, reply_fd: int) -> int:
             "lost": channel.lost,
             "truncated": channel.truncated,
         }
-        os.write(reply_fd, _frame(("ack", seq, counters, forward.take())))
+        try:
+            os.write(reply_fd, _frame(("ack", seq, counters, forward.take())))
+        except OSError:  # the parent has gone: what was sent is still exported, at EOF below
+            pass
 
     while True:
         message = _read_message(stream)

@@ -1,0 +1,153 @@
+"""OTLP export from the side process (``_export_process``), the way it breaks in production: the
+child killed or frozen, the serving process killed, a backlog beyond the outbox."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import fastdeploy_otel as fdt
+from fastdeploy_otel import _export_process
+from fastdeploy_otel import api as fdt_api
+from tests.support.lifecycles import MIXED
+
+SPANS_PER_MIXED = 10
+
+
+def replay(rid: str) -> None:
+    for event, attrs in MIXED:
+        fdt.trace_print(event, rid, "alice", **attrs)
+    fdt.finish_request(rid)
+
+
+def channel():
+    rt = fdt_api._runtime
+    assert rt is not None and rt.sink is not None
+    return rt.sink.process
+
+
+def accounted(st: dict) -> int:
+    return (
+        st["spans_exported"] + st["spans_export_failed"] + st["spans_dropped_export_queue"] + st["spans_lost_at_shutdown"]
+    )
+
+
+def test_spans_go_through_a_child_with_the_serving_process_resource(traced, receiver):
+    traced()
+    proc = channel()._proc
+    assert proc is not None and proc.pid != os.getpid()
+    for i in range(20):
+        replay(f"xp-{i}")
+    assert fdt.flush(10)
+    st = fdt.stats()
+    assert st["spans_built"] == 20 * SPANS_PER_MIXED
+    assert st["spans_exported"] == st["spans_built"] and accounted(st) == st["spans_built"]
+    spans = receiver.store.wait_for(lambda s: len(s) >= 20 * SPANS_PER_MIXED)
+    request = next(s for s in spans if s.name == "fastdeploy.request")
+    assert request.resource["process.pid"] == os.getpid()  # the serving process, not the exporter
+    assert {s.name for s in spans} >= {"PREPROCESSING", "SCHEDULE", "PREFILL", "DECODE", "POSTPROCESSING"}
+    fdt.shutdown()
+    assert proc.poll() is not None  # the child went with the runtime
+
+
+def test_off_switch_exports_in_process(traced, receiver):
+    traced(export_process=False)
+    assert channel() is None
+    replay("inproc")
+    assert fdt.flush(10)
+    assert fdt.stats()["spans_exported"] == SPANS_PER_MIXED
+
+
+def test_a_killed_child_is_restarted_and_its_spans_are_counted(traced, receiver, caplog):
+    caplog.set_level(logging.ERROR, logger="fastdeploy_otel")
+    traced()
+    first = channel()._proc
+    for i in range(10):
+        replay(f"before-{i}")
+    assert fdt.flush(10)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait(5)
+    for i in range(10):
+        replay(f"after-{i}")
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:  # restarted after its back-off (1 s), then the rest arrives
+        if fdt.flush(2) and fdt.stats()["spans_exported"] >= 20 * SPANS_PER_MIXED - fdt.stats()["spans_lost_at_shutdown"]:
+            break
+    st = fdt.stats()
+    assert channel()._proc is not None and channel()._proc.pid != first.pid
+    assert accounted(st) == st["spans_built"] == 20 * SPANS_PER_MIXED
+    assert st["spans_exported"] >= 10 * SPANS_PER_MIXED  # the first ten were exported before the kill
+    said = [r.getMessage() for r in caplog.records if "export process" in r.getMessage() and "exited" in r.getMessage()]
+    assert len(said) == 1, said
+    received = {s.attributes.get("fastdeploy.request_id") for s in receiver.store.spans()}
+    assert {f"after-{i}" for i in range(10)} <= received
+
+
+def test_a_frozen_child_neither_blocks_serving_nor_the_shutdown_deadline(traced, receiver, monkeypatch):
+    monkeypatch.setattr(_export_process, "_PIPE_SIZE", 64 * 1024)
+    monkeypatch.setattr(_export_process, "_MAX_OUTBOX_BYTES", 128 * 1024)
+    traced()
+    child = channel()._proc
+    os.kill(child.pid, signal.SIGSTOP)
+    try:
+        worst = 0.0
+        for i in range(600):  # far more than the pipe and the outbox hold
+            t0 = time.perf_counter()
+            replay(f"frozen-{i}")
+            worst = max(worst, time.perf_counter() - t0)
+            if i % 50 == 0:
+                fdt_api._runtime.flush()  # the worker's flush: pumps, never waits on the child
+        t0 = time.perf_counter()
+        fdt_api._runtime.flush()
+        assert time.perf_counter() - t0 < 0.5
+        assert worst < 0.5  # a blocked write would hang here; the GIL on a loaded box costs ms
+        assert fdt.stats()["spans_dropped_export_queue"] > 0
+        t0 = time.monotonic()
+        st = fdt.shutdown(timeout=1.0)
+        assert time.monotonic() - t0 < 2.0
+    finally:
+        try:
+            os.kill(child.pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    assert child.poll() is not None  # killed at the deadline
+    assert accounted(st) == st["spans_built"] == 600 * SPANS_PER_MIXED
+    assert st["spans_lost_at_shutdown"] > 0
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_a_killed_serving_process_still_gets_its_pumped_spans_out(receiver, tmp_path, protocol):
+    """SIGKILL of the serving process: the child sees EOF and exports what it was sent."""
+    endpoint = receiver.grpc_endpoint if protocol == "grpc" else receiver.http_endpoint
+    script = textwrap.dedent(f"""
+        import os, signal, sys, time
+        sys.path.insert(0, {os.getcwd()!r})
+        import fastdeploy_otel as fdt
+        from tests.support.lifecycles import MIXED
+        fdt.configure(env={{}}, mode="all", log_dir={str(tmp_path)!r}, endpoint={endpoint!r},
+                      protocol={protocol!r}, flush_interval_s=0.05)
+        for i in range(5):
+            for event, attrs in MIXED:
+                fdt.trace_print(event, f"killed-{{i}}", "bob", **attrs)
+            fdt.finish_request(f"killed-{{i}}")
+        time.sleep(0.5)  # a few worker flushes: assembled and pumped to the child
+        print(fdt.api._runtime.sink.process._proc.pid, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    receiver.store.clear()
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert res.returncode == -signal.SIGKILL, res.stderr
+    child = int(res.stdout.split()[0])
+    spans = receiver.store.wait_for(lambda s: len(s) >= 5 * SPANS_PER_MIXED, timeout=15)
+    assert {s.attributes.get("fastdeploy.request_id") for s in spans} >= {f"killed-{i}" for i in range(5)}
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{child}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{child}")  # and it did not outlive its parent
