@@ -77,7 +77,9 @@ def table(res: dict[str, Any]) -> str:
         ("disabled_us", "off, calling thread"),
         ("naive_sdk_us", "naive SDK, calling thread"),
         ("legacy_total_cpu_us", "legacy, process CPU"),
-        ("total_cpu_us", "otel all, process CPU"),
+        ("total_cpu_us", "otel all, total CPU (+ export process)"),
+        ("in_process_cpu_us", "  of which in the process"),
+        ("export_process_cpu_us", "  of which the export process"),
         ("naive_sdk_total_cpu_us", "naive SDK, process CPU"),
     ):
         lines.append(f"{label:<36}{_fmt(res.get(key), 1):>12}" + "".join(f"{_fmt(res.get(f'{key}_{t}t'), 1):>12}" for t in extra))
