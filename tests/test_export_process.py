@@ -151,3 +151,27 @@ def test_a_killed_serving_process_still_gets_its_pumped_spans_out(receiver, tmp_
     while os.path.exists(f"/proc/{child}") and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not os.path.exists(f"/proc/{child}")  # and it did not outlive its parent
+
+
+class Unpicklable(str):
+    """A str subclass (so it passes as an attribute value) that refuses to be pickled."""
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("not today")
+
+
+def test_a_span_that_cannot_be_pickled_is_dropped_alone_and_counted(traced, receiver, caplog):
+    caplog.set_level(logging.WARNING, logger="fastdeploy_otel")
+    traced()
+    replay("fine-1")
+    fdt.trace_print("PREPROCESSING_START", "odd", "alice", weird=Unpicklable("x"))
+    fdt.trace_print("PREPROCESSING_END", "odd")
+    fdt.finish_request("odd")
+    replay("fine-2")
+    assert fdt.flush(10)
+    st = fdt.stats()
+    assert st["spans_dropped_export_queue"] >= 1
+    assert accounted(st) == st["spans_built"]
+    ids = {s.attributes.get("fastdeploy.request_id") for s in receiver.store.wait_for(lambda s: len(s) >= 20)}
+    assert {"fine-1", "fine-2"} <= ids
+    assert any("cannot be sent to the export process" in r.getMessage() for r in caplog.records)
