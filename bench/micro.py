@@ -38,6 +38,7 @@ from typing import Any, Callable, Sequence
 
 import fastdeploy_otel as fdt
 from tests.support.lifecycles import MIXED
+from fastdeploy_otel.events import LoggingEventName as E
 from fastdeploy_otel.span_plan import PLAN, REQUEST_SPAN_NAME, Action
 
 from . import legacy
@@ -48,7 +49,7 @@ _thread_ns = time.thread_time_ns
 _process_ns = time.process_time_ns
 _wall_ns = time.perf_counter_ns
 
-VARIANTS = ("legacy", "otel", "off", "naive")
+VARIANTS = ("legacy", "otel", "shaped", "off", "naive")
 HALF = MIXED[: len(MIXED) // 2]
 
 # The headline keys run_micro() always returns as finite numbers (the smoke test checks them).
@@ -69,6 +70,7 @@ MICRO_KEYS = (
     "events_per_request",
     "spans_per_request",
     "dropin_overhead_ratio",
+    "serving_shaped_cpu_us",
 )
 
 # Per thread count: (key, variant, field)
@@ -82,6 +84,7 @@ _FIGURES = (
     ("in_process_cpu_us", "otel", "in_process_us"),
     ("export_process_cpu_us", "otel", "export_process_us"),
     ("naive_sdk_total_cpu_us", "naive", "process_us"),
+    ("serving_shaped_cpu_us", "shaped", "in_process_us"),
 )
 _RATIOS = (
     ("hot_path_ratio", "otel", "calling_us", "legacy", "calling_us"),
@@ -116,6 +119,34 @@ def replay_fdt(rids: Sequence[str], lifecycle=MIXED, finish: bool = True) -> Non
             tp(ev, rid, None, **attrs)
         if finish:
             fin(rid)
+
+
+def replay_serving_shaped(rids: Sequence[str]) -> None:
+    """MIXED as serving does it, for the prediction of serving's CPU: an HTTP SERVER span around
+    each request (what ``minifd.http_spans`` makes) and the two carrier hand-overs (PREPROCESSING
+    to the engine, POSTPROCESSING back), as inject() and extract() in this one process."""
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace
+    from opentelemetry.trace import SpanKind
+
+    provider = fdt.get_tracer_provider()
+    tracer = provider.get_tracer("bench.http") if provider is not None else trace.get_tracer("bench.http")
+    tp, fin, inject, extract = fdt.trace_print, fdt.finish_request, fdt.inject, fdt.extract
+    handed = (E.PREPROCESSING_START, E.POSTPROCESSING_START)
+    attrs = {"http.request.method": "POST", "url.path": "/v1/completions", "url.scheme": "http",
+             "client.address": "127.0.0.1"}
+    for rid in rids:
+        span = tracer.start_span("POST /v1/completions", kind=SpanKind.SERVER, attributes=attrs)
+        token = otel_context.attach(trace.set_span_in_context(span))
+        for ev, kw in MIXED:
+            tp(ev, rid, None, **kw)
+            if ev in handed:
+                extract(rid, inject(rid))
+        fin(rid)
+        span.set_attribute("http.route", "/v1/completions")
+        span.set_attribute("http.response.status_code", 200)
+        span.end()
+        otel_context.detach(token)
 
 
 class NaiveInstrumentation:
@@ -246,14 +277,14 @@ class _Bench:
             legacy.teardown()
         return self._sample(n, thread_ns, wall_ns, p1 - p0)
 
-    def otel(self, n: int, threads: int) -> dict[str, Any]:
+    def otel(self, n: int, threads: int, replay: Callable[[Sequence[str]], None] = replay_fdt) -> dict[str, Any]:
         log_dir = self._dir("otel")
         fdt.configure(
             mode="all", endpoint=self.rx.grpc_endpoint, log_dir=log_dir, env={},
             flush_interval_s=self.flush_interval_s, bsp=dict(self.bsp) or None,
         )
         try:
-            replay_fdt(request_ids(self.warmup))  # warm-up: opens the gRPC channel, fills caches
+            replay(request_ids(self.warmup))  # warm-up: opens the gRPC channel, fills caches
             fdt.flush()
             self.rx.wait(fdt.stats().get("spans_exported", 0), 30)
             self.rx.clear()
@@ -263,7 +294,7 @@ class _Bench:
             gc.collect()
             k0 = process_cpu_s(kid) if kid else 0.0
             p0 = _process_ns()
-            thread_ns, wall_ns = run_threads(replay_fdt, chunks)
+            thread_ns, wall_ns = run_threads(replay, chunks)
             fdt.flush()
             st = fdt.stats()
             exported = st.get("spans_exported", 0) - base.get("spans_exported", 0)
@@ -459,7 +490,13 @@ def run_micro(
     try:
         with ReceiverProcess() as rx:
             bench = _Bench(rx, workdir, flush_interval_s, bsp)
-            run = {"legacy": bench.legacy, "otel": bench.otel, "off": bench.off, "naive": bench.naive}
+            run = {
+                "legacy": bench.legacy,
+                "otel": bench.otel,
+                "shaped": lambda n, t: bench.otel(n, t, replay_serving_shaped),
+                "off": bench.off,
+                "naive": bench.naive,
+            }
             for t in threads:
                 for v in VARIANTS:  # one discarded pass: imports, caches, file creation, gRPC channels
                     run[v](max(t, requests // 5), t)

@@ -54,6 +54,9 @@ _MAX_HELD_LOGS = 100
 _COUNTERS = ("received", "exported", "failed", "dropped", "lost", "truncated")
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _INTERNAL = SpanKind.INTERNAL.value
+_KINDS = {k.value: k for k in SpanKind}
+_STATUS_CODES = {c.value: c for c in StatusCode}
+_UNSET = Status(StatusCode.UNSET)
 
 
 class WireSpan(NamedTuple):
@@ -504,21 +507,21 @@ class _Rebuilder:
         if scope is None:
             scope = self._scopes[w.scope] = InstrumentationScope(*w.scope)
         events = w.events if len(w.events) <= lim.events else w.events[: lim.events]
+        trace_id = w.trace_id
+        # The unpickled dicts are this process's own: the limits may return them as they are.
         return ReadableSpan(
             w.name,
-            SpanContext(w.trace_id, w.span_id, is_remote=False, trace_flags=_SAMPLED),
-            SpanContext(w.trace_id, w.parent_id, is_remote=w.parent_remote, trace_flags=_SAMPLED)
-            if w.parent_id
-            else None,
+            SpanContext(trace_id, w.span_id, False, _SAMPLED),
+            SpanContext(trace_id, w.parent_id, w.parent_remote, _SAMPLED) if w.parent_id else None,
             self.resource,
-            limit_attributes(dict(w.attributes), lim.attributes, lim.value_length),
+            limit_attributes(w.attributes, lim.attributes, lim.value_length),  # type: ignore[arg-type]
             [
-                Event(name, limit_attributes(dict(attrs), lim.event_attributes, lim.value_length), ts)
+                Event(name, limit_attributes(attrs, lim.event_attributes, lim.value_length), ts)  # type: ignore[arg-type]
                 for name, ts, attrs in events
             ],
-            [Link(SpanContext(t, s, is_remote=True, trace_flags=_SAMPLED), dict(a)) for t, s, a in w.links],
-            SpanKind(w.kind),
-            status=Status(StatusCode(w.status), w.description) if w.status else Status(StatusCode.UNSET),
+            [Link(SpanContext(t, s, True, _SAMPLED), a) for t, s, a in w.links] if w.links else (),
+            _KINDS[w.kind],
+            status=Status(_STATUS_CODES[w.status], w.description) if w.status else _UNSET,
             start_time=w.start_ns,
             end_time=w.end_ns,
             instrumentation_scope=scope,
