@@ -355,8 +355,8 @@ class ProcessChannel(SpanProcessor):
                     os.close(fd)
             self._schedule_restart()
             logger.error(
-                "the export process could not be started (%s); spans wait (bounded) and are retried "
-                "in %gs; trace.log keeps every event",
+                "the export process could not be started (%s); spans wait (bounded) and it is retried "
+                "in %gs; FD_TRACE_EXPORT_PROCESS=false exports from this process instead; trace.log keeps every event",
                 exc,
                 self._next_start - time.monotonic(),
             )
@@ -404,7 +404,7 @@ class ProcessChannel(SpanProcessor):
         self._lost_here += held
         self._close_fds()
         try:
-            rc = proc.wait(timeout=1.0)
+            rc = proc.wait(timeout=0.2)  # it closed its pipes: it is exiting
         except subprocess.TimeoutExpired:
             proc.kill()
             rc = proc.wait()
@@ -448,6 +448,7 @@ class ProcessChannel(SpanProcessor):
                 return False
             self._read_replies()
             self._check_child()
+            self._frame_pending()  # spans that end meanwhile keep flowing (the worker's pump is skipped)
             self._write()
         return True
 
