@@ -153,6 +153,8 @@ def test_engine_exception_is_logged_with_ids_and_the_batch_carries_on(stack, rec
     (exc,) = [e for e in prefill.events if e["name"] == "exception"]
     assert exc["attributes"]["exception.type"] == "minifd.engine.InjectedFault"
     assert [s for s in spans if s.name == REQUEST_SPAN_NAME][0].is_error
+    (http,) = [s for s in spans if s.name == "POST /v1/completions"]
+    assert http.is_error and http.attributes["http.response.status_code"] == 500  # a 5xx is a server error
     deadline = time.monotonic() + 5
     log = ""
     while time.monotonic() < deadline and prefill.span_id not in log:
@@ -238,3 +240,24 @@ def test_a_duplicate_in_flight_request_id_is_refused_and_the_engine_carries_on(s
         t.join()
     assert sorted(results) == [200, 409]
     assert complete(stack, "after the duplicate").status_code == 200  # the engine is still serving
+
+
+def test_http_server_span_names_routes_not_paths_and_marks_server_errors(stack, receiver):
+    """minifd.http_spans: SERVER kind, the route (not the raw path) in the name, the status code on
+    the span, and ERROR on a 5xx; an unknown path must not become a span name."""
+    caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    headers = {"traceparent": f"00-{caller_trace}-00f067aa0ba902b7-01"}
+    assert stack.client.get("/no/such/path/12345", headers=headers).status_code == 404
+    bad = stack.client.post("/v1/completions", content=b"{not json", headers=headers)
+    assert bad.status_code in (400, 422)
+    spans = receiver.store.wait_for(
+        lambda s: len([x for x in s if x.trace_id == caller_trace and x.kind == 2]) >= 2, timeout=15
+    )
+    server = [s for s in spans if s.trace_id == caller_trace and s.kind == 2]  # OTLP SPAN_KIND_SERVER
+    (unknown,) = [s for s in server if s.attributes.get("url.path") == "/no/such/path/12345"]
+    assert unknown.name == "GET" and unknown.attributes["http.response.status_code"] == 404
+    assert "http.route" not in unknown.attributes
+    (post,) = [s for s in server if s.attributes.get("url.path") == "/v1/completions"]
+    assert post.name == "POST /v1/completions" and post.attributes["http.route"] == "/v1/completions"
+    assert post.attributes["http.request.method"] == "POST" and post.parent_span_id == "00f067aa0ba902b7"
+    assert post.status_code != 2  # a client error is not a server error
