@@ -32,7 +32,7 @@ _BACKLOG_BATCH_FACTOR = 4  # with a backlog, fewer and bigger batches
 
 
 class ExportChannel(SpanProcessor, Generic[T]):
-    """Queue `T`s (ReadableSpans, unless `sized` is False) and export them in batches on a thread."""
+    """Queue `T`s (ReadableSpans by default) and export them in batches on a thread."""
 
     def __init__(
         self,
@@ -43,7 +43,8 @@ class ExportChannel(SpanProcessor, Generic[T]):
         schedule_delay_millis: float = 500,
         max_export_batch_size: int = 64,
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
-        sized: bool = True,
+        size_of: Callable[[T], int] | None = span_size,  # type: ignore[assignment]
+        shrink_to: Callable[[T, int], T] | None = shrink,  # type: ignore[assignment]
         export: Callable[[Sequence[T]], SpanExportResult] | None = None,
         **_ignored: Any,  # export_timeout_millis: each exporter's own timeout bounds an export, as in the SDK
     ) -> None:
@@ -55,7 +56,8 @@ class ExportChannel(SpanProcessor, Generic[T]):
         self._batch = max_export_batch_size
         self._max_bytes = max_batch_bytes
         self._max_span_bytes = max_batch_bytes // 2
-        self._sized = sized
+        self._size_of = size_of  # None: batches bounded in spans only
+        self._shrink_to = shrink_to  # None: items are never over half a batch (the caller saw to it)
         self._queue: collections.deque[T] = collections.deque()
         lock = threading.Lock()
         self._wake = threading.Condition(lock)  # the thread waits here for work
@@ -183,11 +185,12 @@ class ExportChannel(SpanProcessor, Generic[T]):
         size = 0
         while q and len(batch) < count:
             item = q.popleft()
-            if self._sized:
-                n = span_size(item)  # type: ignore[arg-type]
-                if n > self._max_span_bytes:
-                    item = shrink(item, self._max_span_bytes)  # type: ignore[arg-type,assignment]
-                    n = span_size(item)  # type: ignore[arg-type]
+            size_of = self._size_of
+            if size_of is not None:
+                n = size_of(item)
+                if n > self._max_span_bytes and self._shrink_to is not None:
+                    item = self._shrink_to(item, self._max_span_bytes)
+                    n = size_of(item)
                     self.truncated += 1
                     logger.warning(
                         "a span of about %d bytes was shrunk to fit an "

@@ -229,7 +229,7 @@ class OtelSink:
             self._replayer = ExportChannel(
                 None,
                 "application-provider",
-                sized=False,
+                size_of=None,
                 export=self._replay_all,
                 **{**options, "schedule_delay_millis": 50},
             )

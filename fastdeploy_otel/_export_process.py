@@ -35,10 +35,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor
+from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
-from ._limits import Limits, limit_attributes
+from ._limits import Limits, limit_attributes, shrink_parts
+from ._otlp_proto import EncodedBatch, EncodedSpan, Encoder, install
 from ._records import SpanState
 from ._selflog import get_logger
 
@@ -76,6 +78,7 @@ class WireSpan(NamedTuple):
     status: int  # StatusCode value
     description: str | None
     scope: tuple[str, str | None]
+    trace_state: str = ""  # the W3C tracestate an SDK span carries (a caller's, on the HTTP span)
 
 
 def wire_of_state(s: SpanState, scope: tuple[str, str | None]) -> WireSpan:
@@ -104,6 +107,7 @@ def wire_of_span(span: ReadableSpan) -> WireSpan:
         span.status.status_code.value,
         span.status.description,
         (scope.name, scope.version) if scope else ("", None),
+        ctx.trace_state.to_header() if ctx and ctx.trace_state else "",
     )
 
 
@@ -494,32 +498,42 @@ class ProcessChannel(SpanProcessor):
 
 
 # ---- the export process --------------------------------------------------------------------------------
+def _within_limits(w: WireSpan, lim: Limits) -> WireSpan:
+    """`w` with the OTel span limits applied (the unpickled dicts are this process's own)."""
+    events = w.events if len(w.events) <= lim.events else w.events[: lim.events]
+    return w._replace(
+        attributes=limit_attributes(w.attributes, lim.attributes, lim.value_length),  # type: ignore[arg-type]
+        events=[
+            (name, ts, limit_attributes(attrs, lim.event_attributes, lim.value_length))  # type: ignore[arg-type]
+            for name, ts, attrs in events
+        ],
+    )
+
+
 class _Rebuilder:
-    """WireSpans back into ReadableSpans, with the OTel span limits applied."""
+    """WireSpans back into ReadableSpans, for the SDK's encoder (``FD_TRACE_EXPORT_ENCODER=sdk``, or
+    an exporter that ``_otlp_proto.install`` does not know)."""
 
     def __init__(self, resource: Any, limits: Limits) -> None:
         self.resource = resource
         self.limits = limits
         self._scopes: dict[tuple[str, str | None], InstrumentationScope] = {}
+        self.channel_options: dict[str, Any] = {}  # the default: ReadableSpans, sized and shrunk there
 
     def __call__(self, w: WireSpan) -> ReadableSpan:
-        lim = self.limits
+        w = _within_limits(w, self.limits)
         scope = self._scopes.get(w.scope)
         if scope is None:
             scope = self._scopes[w.scope] = InstrumentationScope(*w.scope)
-        events = w.events if len(w.events) <= lim.events else w.events[: lim.events]
         trace_id = w.trace_id
-        # The unpickled dicts are this process's own: the limits may return them as they are.
+        state = TraceState.from_header([w.trace_state]) if w.trace_state else None
         return ReadableSpan(
             w.name,
-            SpanContext(trace_id, w.span_id, False, _SAMPLED),
+            SpanContext(trace_id, w.span_id, False, _SAMPLED, state),
             SpanContext(trace_id, w.parent_id, w.parent_remote, _SAMPLED) if w.parent_id else None,
             self.resource,
-            limit_attributes(w.attributes, lim.attributes, lim.value_length),  # type: ignore[arg-type]
-            [
-                Event(name, limit_attributes(attrs, lim.event_attributes, lim.value_length), ts)  # type: ignore[arg-type]
-                for name, ts, attrs in events
-            ],
+            w.attributes,
+            [Event(name, attrs, ts) for name, ts, attrs in w.events],
             [Link(SpanContext(t, s, True, _SAMPLED), a) for t, s, a in w.links] if w.links else (),
             _KINDS[w.kind],
             status=Status(_STATUS_CODES[w.status], w.description) if w.status else _UNSET,
@@ -527,6 +541,43 @@ class _Rebuilder:
             end_time=w.end_ns,
             instrumentation_scope=scope,
         )
+
+
+class _Encoding:
+    """WireSpans straight to OTLP protobuf bytes (``_otlp_proto``), one span at a time as they
+    arrive; a span over half an export message is shrunk first, as ExportChannel would."""
+
+    def __init__(self, exporter: Any, attributes: dict[str, Any], schema_url: str | None, limits: Limits,
+                 max_batch_bytes: int) -> None:  # fmt: skip
+        self.encoder = Encoder(attributes, schema_url)
+        self.limits = limits
+        self.max_span_bytes = max_batch_bytes // 2
+        self.truncated = 0
+        self.exporter = exporter
+        self.channel_options = {"export": self.export, "size_of": _encoded_size, "shrink_to": None}
+
+    def __call__(self, w: WireSpan) -> EncodedSpan:
+        w = _within_limits(w, self.limits)
+        encoded = self.encoder.span(w)
+        if len(encoded.data) > self.max_span_bytes:
+            attributes, events = shrink_parts(w.name, w.attributes, w.events, self.max_span_bytes)
+            encoded = self.encoder.span(w._replace(attributes=attributes, events=events))
+            self.truncated += 1
+            logger.warning(
+                "a span of about %d bytes was shrunk to fit an export message (attribute values cut; "
+                "marked fastdeploy.truncated)",
+                len(encoded.data),
+            )
+        return encoded
+
+    def export(self, spans: Sequence[EncodedSpan]) -> SpanExportResult:
+        batch = EncodedBatch(spans)
+        batch.payload = self.encoder.request(spans)
+        return self.exporter.export(batch)
+
+
+def _encoded_size(span: EncodedSpan) -> int:
+    return len(span.data) + 4  # and its field key and length
 
 
 class _Forward(logging.Handler):
@@ -578,16 +629,18 @@ def serve(stream: Any, reply_fd: int) -> int:
     _, settings, attributes, schema_url, options = hello
     exporter, target = make_exporter(settings)
     _install_quiet()
-    channel: ExportChannel = ExportChannel(exporter, target, **options)
-    rebuild = _Rebuilder(
-        make_resource_from(attributes, schema_url),
-        Limits(
-            settings.attribute_count_limit,
-            settings.event_count_limit,
-            settings.event_attribute_count_limit,
-            settings.attribute_length_limit,
-        ),
+    limits = Limits(
+        settings.attribute_count_limit,
+        settings.event_count_limit,
+        settings.event_attribute_count_limit,
+        settings.attribute_length_limit,
     )
+    prepare: _Rebuilder | _Encoding
+    if settings.export_encoder == "fastdeploy" and install(exporter):
+        prepare = _Encoding(exporter, attributes, schema_url, limits, options["max_batch_bytes"])
+    else:
+        prepare = _Rebuilder(make_resource_from(attributes, schema_url), limits)
+    channel: ExportChannel = ExportChannel(exporter, target, **{**options, **prepare.channel_options})
     received = 0
 
     def reply(seq: int) -> None:
@@ -597,7 +650,7 @@ def serve(stream: Any, reply_fd: int) -> int:
             "failed": channel.failed,
             "dropped": channel.dropped,
             "lost": channel.lost,
-            "truncated": channel.truncated,
+            "truncated": channel.truncated + getattr(prepare, "truncated", 0),
         }
         try:
             os.write(reply_fd, _frame(("ack", seq, counters, forward.take())))
@@ -614,7 +667,7 @@ def serve(stream: Any, reply_fd: int) -> int:
         if kind == "spans":
             for w in message[1]:
                 try:
-                    channel.on_end(rebuild(w))
+                    channel.on_end(prepare(w))
                 except Exception:
                     channel.failed += 1
                     logger.warning("a span could not be rebuilt for export; dropped (counted)", exc_info=True)

@@ -8,7 +8,7 @@ shrunk rather than allowed to take its batch down with it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 from opentelemetry.sdk.trace import Event, ReadableSpan
@@ -66,36 +66,49 @@ def span_size(span: ReadableSpan) -> int:
     return size
 
 
-def shrink(span: ReadableSpan, max_bytes: int) -> ReadableSpan:
-    """A copy of `span` that fits in `max_bytes`: strings cut, then the events that still do not fit
-    dropped; marked ``fastdeploy.truncated``."""
-    attributes = {k: _cut(v, _SHRUNK_VALUE_LEN) for k, v in (span.attributes or {}).items()}
+def shrink_parts(
+    name: str,
+    attributes: Mapping[str, Any] | None,
+    events: Sequence[tuple[str, int, Mapping[str, Any] | None]],
+    max_bytes: int,
+) -> tuple[dict[str, Any], list[tuple[str, int, dict[str, Any]]]]:
+    """The attributes and events of a span named `name` cut to fit in `max_bytes`: strings cut,
+    then the events that still do not fit dropped; marked ``fastdeploy.truncated``."""
+    attributes = {k: _cut(v, _SHRUNK_VALUE_LEN) for k, v in (attributes or {}).items()}
     attributes[TRUNCATED] = True
-    budget = max_bytes - _SPAN_OVERHEAD - len(span.name) - _attributes_size(attributes)
+    budget = max_bytes - _SPAN_OVERHEAD - len(name) - _attributes_size(attributes)
     if budget < 0:  # too many attributes even when cut: keep the first ones that fit
         kept: dict[str, Any] = {TRUNCATED: True}
-        budget = max_bytes - _SPAN_OVERHEAD - len(span.name) - _attributes_size(kept)
+        budget = max_bytes - _SPAN_OVERHEAD - len(name) - _attributes_size(kept)
         for k, v in attributes.items():
             cost = len(k) + _value_size(v) + _ATTRIBUTE_OVERHEAD
             if cost <= budget:
                 kept[k] = v
                 budget -= cost
         attributes = kept
-    events = []
-    for e in span.events:
-        ea = {k: _cut(v, _SHRUNK_VALUE_LEN) for k, v in (e.attributes or {}).items()}
-        cost = _EVENT_OVERHEAD + len(e.name) + _attributes_size(ea)
+    kept_events = []
+    for event_name, ts, attrs in events:
+        ea = {k: _cut(v, _SHRUNK_VALUE_LEN) for k, v in (attrs or {}).items()}
+        cost = _EVENT_OVERHEAD + len(event_name) + _attributes_size(ea)
         if cost > budget:
             break
         budget -= cost
-        events.append(Event(e.name, ea, e.timestamp))
+        kept_events.append((event_name, ts, ea))
+    return attributes, kept_events
+
+
+def shrink(span: ReadableSpan, max_bytes: int) -> ReadableSpan:
+    """A copy of `span` that fits in `max_bytes` (``shrink_parts``)."""
+    attributes, events = shrink_parts(
+        span.name, span.attributes, [(e.name, e.timestamp, e.attributes) for e in span.events], max_bytes
+    )
     return ReadableSpan(
         span.name,
         span.context,
         span.parent,
         span.resource,
         attributes,
-        events,
+        [Event(name, ea, ts) for name, ts, ea in events],
         span.links,
         span.kind,
         status=span.status,

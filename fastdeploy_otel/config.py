@@ -17,6 +17,7 @@ from urllib.parse import unquote
 MODES = ("off", "local", "otel", "all")
 PROTOCOLS = ("grpc", "http/protobuf")
 EXPORTERS = ("otlp", "console", "none")
+ENCODERS = ("fastdeploy", "sdk")
 SAMPLERS = (
     "always_on",
     "always_off",
@@ -66,6 +67,8 @@ class Settings:
     )
     # OTLP encoding and sending in a side process, off the serving process's GIL (OTLP exporter only)
     export_process: bool = True
+    # how the export process encodes OTLP: "fastdeploy" (_otlp_proto, ~7x cheaper) or "sdk" (the SDK's encoder)
+    export_encoder: str = "fastdeploy"
     shutdown_timeout_s: float = 5.0  # shutdown() returns within this, whatever the collector does
     max_export_batch_bytes: int = 3 * 1024 * 1024  # an export message stays under a collector's 4 MiB gRPC limit
     # The OTel span limits (OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT, ...), applied to every span we build.
@@ -194,6 +197,7 @@ def _from_env(env: Mapping[str, str]) -> tuple[dict[str, Any], list[ConfigError]
     read(("FD_TRACE_FLUSH_INTERVAL_MS",), "flush_interval_s", lambda n, v: _number(n, v, float, 1) / 1000)
 
     read(("FD_TRACE_EXPORT_PROCESS",), "export_process", _bool)
+    read(("FD_TRACE_EXPORT_ENCODER",), "export_encoder", choice(ENCODERS))
     read(("FD_TRACE_SHUTDOWN_TIMEOUT_MS",), "shutdown_timeout_s", lambda n, v: _number(n, v, float, 0) / 1000)
     read(("FD_TRACE_MAX_EXPORT_BATCH_BYTES",), "max_export_batch_bytes", lambda n, v: _number(n, v, int, 1024))
     count = lambda n, v: _number(n, v, int, 0)  # noqa: E731
@@ -250,6 +254,8 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> tup
         raise ConfigError(f"mode={settings.mode!r} is not one of {', '.join(MODES)}")
     if settings.sampler not in SAMPLERS:
         raise ConfigError(f"sampler={settings.sampler!r} is not one of {', '.join(SAMPLERS)}")
+    if settings.export_encoder not in ENCODERS:
+        raise ConfigError(f"export_encoder={settings.export_encoder!r} is not one of {', '.join(ENCODERS)}")
     if settings.protocol not in PROTOCOLS:
         raise ConfigError(f"protocol={settings.protocol!r} is not one of {', '.join(PROTOCOLS)}")
     if settings.protocol == "http/protobuf" and settings.endpoint and not endpoint_is_full:

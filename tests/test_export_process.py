@@ -39,8 +39,9 @@ def accounted(st: dict) -> int:
     )
 
 
-def test_spans_go_through_a_child_with_the_serving_process_resource(traced, receiver):
-    traced()
+@pytest.mark.parametrize("encoder", ["fastdeploy", "sdk"])
+def test_spans_go_through_a_child_with_the_serving_process_resource(traced, receiver, encoder):
+    traced(export_encoder=encoder)
     proc = channel()._proc
     assert proc is not None and proc.pid != os.getpid()
     for i in range(20):
