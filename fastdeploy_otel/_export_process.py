@@ -53,6 +53,7 @@ _MAX_OUTBOX_BYTES = 64 << 20  # what waits for a slow or restarting child, beyon
 _STATUS_EVERY_S = 1.0  # how often the child's counters are asked for (stats() freshness)
 _BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)  # between restarts of a child that keeps dying
 _MAX_HELD_LOGS = 100
+_REPLY_MARGIN_S = 0.25  # the child stops this long before the parent's deadline, so its last counters arrive
 _COUNTERS = ("received", "exported", "failed", "dropped", "lost", "truncated")
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _INTERNAL = SpanKind.INTERNAL.value
@@ -463,7 +464,7 @@ class ProcessChannel(SpanProcessor):
             self._pump()
             if self._proc is None:
                 return not self._pending and not self._outbox
-            seq = self._send_control("flush", max(0.0, deadline - time.monotonic() - 0.05))
+            seq = self._send_control("flush", max(0.0, deadline - time.monotonic() - _REPLY_MARGIN_S))
             return self._wait_for(seq, deadline)
 
     def shutdown(self, timeout_millis: int = 5000) -> None:
@@ -480,7 +481,7 @@ class ProcessChannel(SpanProcessor):
             self._frame_pending()
             self._closing = True
             if self._proc is not None:
-                seq = self._send_control("close", max(0.0, deadline - time.monotonic() - 0.1))
+                seq = self._send_control("close", max(0.0, deadline - time.monotonic() - _REPLY_MARGIN_S))
                 self._wait_for(seq, deadline)
                 proc = self._proc
                 if proc is not None:

@@ -40,7 +40,8 @@ def test_a_faulty_collector_changes_nothing_for_trace_log_and_shutdown_keeps_its
         lost_lines = [r.getMessage() for r in caplog.records if "could not be exported within" in r.getMessage()]
         assert len(lost_lines) == 1 and "trace.log" in lost_lines[0]
     if fault == "slow":  # a slow but healthy collector gets some through; whatever it did not is counted
-        assert r.received == st["spans_exported"] > 0
+        # (an export still unanswered at the deadline counts as lost even if the collector has it)
+        assert r.received > 0 and r.received >= st["spans_exported"]
     else:
         assert st["spans_exported"] == 0
         assert st["spans_export_failed"] + st["spans_lost_at_shutdown"] > 0
