@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace import SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExportResult
 
 from ._limits import shrink, span_size
-from ._selflog import get_logger
+from ._selflog import get_logger, name_os_thread
 
 logger = get_logger(__name__)
 
@@ -153,6 +153,7 @@ class ExportChannel(SpanProcessor, Generic[T]):
 
     # ---- the export thread ----------------------------------------------------------------------------
     def _run(self) -> None:
+        name_os_thread("fdotel-export")
         while True:
             with self._wake:
                 if not (self._closing or self._flush_wanted or len(self._queue) >= self._batch):

@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 
 from ._assembler import Assembler
 from ._errorlog import ErrorLogFile
-from ._selflog import get_logger
+from ._selflog import get_logger, name_os_thread
 from .attributes import text
 from .config import Settings
 from .events import parse_event
@@ -82,6 +82,7 @@ class Runtime:
 
     # ---- worker --------------------------------------------------------------------------------
     def _run(self) -> None:
+        name_os_thread("fdotel-worker")
         while not self._stop.wait(self.settings.flush_interval_s):
             self.flush()
 

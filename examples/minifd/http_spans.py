@@ -66,10 +66,11 @@ class ServerSpans:
         finally:
             route = scope.get("route")  # set by the router once a route matched
             if route is not None and hasattr(route, "path"):
-                span.set_attribute("http.route", route.path)
-            elif status == 404:
-                span.update_name(method)  # an unknown path must not become a span name (cardinality)
-            span.set_attribute("http.response.status_code", status)
+                span.set_attributes({"http.route": route.path, "http.response.status_code": status})
+            else:
+                if status == 404:
+                    span.update_name(method)  # an unknown path must not become a span name (cardinality)
+                span.set_attribute("http.response.status_code", status)
             if status >= 500:
                 span.set_status(Status(StatusCode.ERROR))
             span.end()
