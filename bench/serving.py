@@ -90,9 +90,15 @@ def served_model(base_url: str, default: str = "tiny") -> str:
 
 
 def closed_loop(
-    url: str, clients: int, total: int, max_tokens: int, model: str = "tiny", timeout_s: float = 120.0
+    url: str, clients: int, total: int, max_tokens: int, model: str = "tiny", timeout_s: float = 120.0,
+    waves: bool = False,
 ) -> dict[str, Any]:
-    """`clients` threads sending requests back to back until `total` were sent."""
+    """`clients` threads sending requests back to back until `total` were sent.
+
+    With `waves`, the clients send together, one request each per wave, client i always prompt i:
+    every engine step then has the same batch, so the engine's CPU per request does not depend on
+    how the requests happened to overlap (which tracing's latency changes).
+    """
     import httpx
 
     counter = itertools.count()
@@ -100,15 +106,22 @@ def closed_loop(
     latencies: list[float] = []
     errors: list[str] = []
     barrier = threading.Barrier(clients + 1)
+    wave = threading.Barrier(clients) if waves else None
 
-    def client() -> None:
+    def client(k: int) -> None:
         with httpx.Client(timeout=timeout_s) as http:
             barrier.wait()
-            while True:
-                with lock:
-                    i = next(counter)
-                if i >= total:
-                    return
+            for n in itertools.count():
+                if wave is not None:
+                    if n >= total // clients:
+                        return
+                    i = k
+                    wave.wait()
+                else:
+                    with lock:
+                        i = next(counter)
+                    if i >= total:
+                        return
                 body = {"model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0}
                 t0 = time.perf_counter()
                 try:
@@ -122,7 +135,7 @@ def closed_loop(
                 with lock:
                     latencies.append(dt)
 
-    threads = [threading.Thread(target=client, name=f"bench-client-{i}", daemon=True) for i in range(clients)]
+    threads = [threading.Thread(target=client, args=(i,), name=f"bench-client-{i}", daemon=True) for i in range(clients)]
     for t in threads:
         t.start()
     barrier.wait()
@@ -155,14 +168,26 @@ def _one_run(Stack, mode: str, rx: ReceiverProcess, clients: int, requests: int,
             pids = {role: stack.procs[role].pid for role in ROLES}
             # The export side-processes' CPU is reported too: moved off the serving process, not free.
             kids = {role: export_children(pid) for role, pid in pids.items()}
-            before = {role: process_cpu_s(pid) for role, pid in pids.items()}
-            kids_before = {role: sum(process_cpu_s(k) for k in ks) for role, ks in kids.items()}
-            run = closed_loop(url, clients, requests, max_tokens, model)
-            done = max(1, run["completed"])
-            for role, pid in pids.items():  # per-process CPU per request: stable where throughput is not
-                run[f"{role}_cpu_ms_per_request"] = (process_cpu_s(pid) - before[role]) * 1e3 / done
-                used = sum(process_cpu_s(k) for k in kids[role]) - kids_before[role]
-                run[f"{role}_export_process_cpu_ms_per_request"] = used * 1e3 / done
+
+            def cpu_of(loop: Callable[[], dict[str, Any]], suffix: str) -> dict[str, Any]:
+                """Run `loop`; per-process CPU per request around it (stable where throughput is not)."""
+                before = {role: process_cpu_s(pid) for role, pid in pids.items()}
+                kids_before = {role: sum(process_cpu_s(k) for k in ks) for role, ks in kids.items()}
+                out = loop()
+                done = max(1, out["completed"])
+                for role, pid in pids.items():
+                    out[f"{role}_cpu_ms_per_request{suffix}"] = (process_cpu_s(pid) - before[role]) * 1e3 / done
+                    used = sum(process_cpu_s(k) for k in kids[role]) - kids_before[role]
+                    out[f"{role}_export_process_cpu_ms_per_request{suffix}"] = used * 1e3 / done
+                return out
+
+            # Throughput and latency with the clients free-running; CPU per request in waves (the same
+            # batches whatever the latency), where the engine's figure is not swamped by batching.
+            run = cpu_of(lambda: closed_loop(url, clients, requests, max_tokens, model), "_free")
+            waves = cpu_of(lambda: closed_loop(url, clients, requests, max_tokens, model, waves=True), "")
+            run.update({k: v for k, v in waves.items() if "cpu_ms" in k})
+            run["errors"] += waves["errors"]
+            run["first_error"] = run["first_error"] or waves["first_error"]
             if run["errors"]:
                 raise RuntimeError(f"{run['errors']} of {requests} requests failed, e.g. {run['first_error']}")
         run["startup_s"] = startup
@@ -259,7 +284,8 @@ def run_serving(
             "trace_log_bytes": sum(r["trace_log_bytes"] for r in mine),
         }
         for role in ROLES:
-            for key in (f"{role}_cpu_ms_per_request", f"{role}_export_process_cpu_ms_per_request"):
+            for key in (f"{role}_cpu_ms_per_request", f"{role}_export_process_cpu_ms_per_request",
+                        f"{role}_cpu_ms_per_request_free"):
                 by_mode[mode][key] = statistics.median(r[key] for r in mine)
                 by_mode[mode][key + "_runs"] = [round(r[key], 3) for r in mine]
         if mode == "all":
@@ -285,6 +311,9 @@ def run_serving(
             diffs = per_round(lambda a, o, key=key: a[key] - o[key], mode)
             added[f"serving_{role}_cpu_ms_added{suffix}"] = statistics.median(diffs)
             added[f"serving_{role}_cpu_ms_added{suffix}_rounds"] = [round(x, 3) for x in diffs]
+            free = per_round(lambda a, o, key=key: a[key + "_free"] - o[key + "_free"], mode)
+            added[f"serving_{role}_cpu_ms_added{suffix}_free"] = statistics.median(free)
+            added[f"serving_{role}_cpu_ms_added{suffix}_free_rounds"] = [round(x, 3) for x in free]
     return {
         "serving_available": True,
         **added,
