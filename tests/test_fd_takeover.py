@@ -1,0 +1,81 @@
+"""The FastDeploy replacements in-process (``_fd_takeover``), without the stand-in's processes.
+
+FastDeploy's ``LoggingEventName`` is a plain Enum (not a str Enum); these tests build one like it.
+"""
+
+from __future__ import annotations
+
+import threading
+from enum import Enum
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+import fastdeploy_otel as fdt
+from fastdeploy_otel import _fd_takeover as takeover
+from tests.support.helpers import read_mirror
+from tests.support.lifecycles import MIXED
+
+FDEventName = Enum("LoggingEventName", {e.name: e.value for e in fdt.LoggingEventName})
+Odd = Enum("Odd", {"UNHASHABLE": ["PREPROCESSING_START"], "NEW_IN_FASTDEPLOY": "NEW_IN_FASTDEPLOY"})
+
+
+@pytest.fixture
+def local(tmp_path: Path) -> Iterator[str]:
+    """Tracing in mode local, FastDeploy's events mapped; every takeover table forgotten afterwards."""
+    log_dir = str(tmp_path / "log")
+    takeover.map_events(FDEventName)
+    takeover.map_events(Odd)
+    fdt.configure(env={}, mode="local", log_dir=log_dir, flush_interval_s=0.05)
+    yield log_dir
+    fdt.shutdown()
+    takeover.reset()
+
+
+def test_fastdeploy_members_strings_and_unknown_events(local):
+    rid = "chatcmpl-map_0"
+    for ev, _ in MIXED:
+        takeover.trace_print(FDEventName[ev.name], rid, "u")
+    takeover.trace_print("CACHE_HIT", rid, "u")  # a string event: the slow path, recorded all the same
+    takeover.trace_print(Odd.UNHASHABLE, rid, "u")  # an unhashable value: counted as unknown, never raised
+    takeover.trace_print(Odd.NEW_IN_FASTDEPLOY, rid, "u")  # an event we do not know
+    fdt.flush()
+    lines = read_mirror(local)
+    assert [line["event"] for line in lines] == [ev.value for ev, _ in MIXED] + ["CACHE_HIT"]
+    assert {line["request_id"] for line in lines} == {"chatcmpl-map"}  # PREPROCESSING_START here: owned, base id
+    assert all(line["file"] == "test_fd_takeover.py" for line in lines)  # FastDeploy's call site, either path
+    assert fdt.stats()["unknown_events"] == 2
+
+
+def test_events_without_a_user_are_recorded_with_the_call_site(local):
+    rid = "chatcmpl-nouser_0"
+    takeover.trace_print(FDEventName.PREPROCESSING_END, rid, None)  # joins the request
+    takeover.trace_print(FDEventName.REQUEST_SCHEDULE_START, rid, None)  # the fast path
+    takeover.trace_print(FDEventName.REQUEST_SCHEDULE_END, rid)
+    fdt.flush()
+    lines = read_mirror(local)
+    assert [line["event"] for line in lines] == ["PREPROCESSING_END", "REQUEST_SCHEDULE_START", "REQUEST_SCHEDULE_END"]
+    assert all(line["file"] == "test_fd_takeover.py" for line in lines)
+
+
+def test_current_request_is_per_thread_and_forgotten_at_reset(local):
+    takeover.trace_print(FDEventName.PREPROCESSING_END, "chatcmpl-a_0", "")  # slow path (first event)
+    takeover.trace_print(FDEventName.REQUEST_SCHEDULE_START, "chatcmpl-b_0", "")
+    assert takeover.current_request() == "chatcmpl-b_0"
+    takeover.trace_print(FDEventName.REQUEST_SCHEDULE_START, "chatcmpl-a_0", "")  # fast path (joined)
+    assert takeover.current_request() == "chatcmpl-a_0"
+    seen = []
+
+    def other() -> None:
+        seen.append(takeover.current_request())
+        takeover.trace_print(FDEventName.REQUEST_QUEUE_START, "chatcmpl-b_0", "")
+        seen.append(takeover.current_request())
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert seen == [None, "chatcmpl-b_0"]
+    assert takeover.current_request() == "chatcmpl-a_0"  # this thread's own
+    takeover.reset()
+    assert takeover.current_request() is None
