@@ -31,7 +31,7 @@ from opentelemetry import trace
 import fastdeploy_otel as fdt
 from fastdeploy_otel import LoggingEventName
 from fastdeploy_otel import api as _api
-from fastdeploy_otel._records import EVENT
+from fastdeploy_otel._records import EVENT, SPAN_EVENT
 
 from ._selflog import get_logger
 
@@ -81,7 +81,7 @@ _ids: dict[str, tuple[str, str]] = {}
 # Owned requests whose trace_req_finish came first (attrs, when), and those whose POSTPROCESSING_END did.
 _finishing: dict[str, tuple[dict[str, Any], float]] = {}
 _ended: dict[str, None] = {}
-# Attributes from trace_slice_add_attr / trace_event / trace_report_span, put on the next event.
+# Attributes from trace_slice_add_attr / trace_slice_end / trace_report_span, put on the next event.
 _annotations: dict[str, dict[str, Any]] = {}
 
 _TABLES = (
@@ -417,10 +417,13 @@ def trace_report_span(
 
 @_guard
 def trace_event(name: str, rid: str, ts: int | None = None, attrs: dict[str, Any] | None = None) -> None:
-    """A named moment: recorded as attributes ``<name>`` (time, ns) and ``<name>.<key>`` on the next event."""
-    stamped = {str(name): ts or time.time_ns()}
-    stamped.update({f"{name}.{k}": v for k, v in (attrs or {}).items()})
-    _annotate(rid, stamped)
+    """A named moment: a span event `name` at `ts` (ns; now if not given) with `attrs`, on the span this
+    process has open for the request (its innermost: the current stage or sub-stage), as FastDeploy
+    puts it on its current slice span."""
+    key = request_of(str(rid))
+    if key is not None:
+        at = int(ts) if isinstance(ts, (int, float)) and not isinstance(ts, bool) and ts > 0 else None
+        _api._enqueue(SPAN_EVENT, key, (str(name), at, {str(k): v for k, v in (attrs or {}).items()}))
 
 
 @_guard

@@ -79,3 +79,47 @@ def test_current_request_is_per_thread_and_forgotten_at_reset(local):
     assert takeover.current_request() == "chatcmpl-a_0"  # this thread's own
     takeover.reset()
     assert takeover.current_request() is None
+
+
+@pytest.fixture
+def spans(memory) -> Iterator[object]:
+    """Spans in memory (the ``memory`` fixture), FastDeploy's events mapped; takeover tables forgotten afterwards."""
+    takeover.map_events(FDEventName)
+    yield memory
+    takeover.reset()
+
+
+def test_trace_event_is_a_span_event_on_the_open_stage_or_sub_stage(spans):
+    rid, base = "chatcmpl-ev_0", "chatcmpl-ev"
+    takeover.trace_print(FDEventName.PREPROCESSING_START, rid, "")  # owned here: recorded under the base id
+    takeover.trace_print(FDEventName.PREPROCESSING_END, rid, "")
+    takeover.trace_print(FDEventName.REQUEST_SCHEDULE_START, rid, "")
+    takeover.trace_print(FDEventName.REQUEST_QUEUE_START, rid, "")
+    takeover.trace_event("queued_behind", base, ts=1_700_000_000_123_456_789, attrs={"depth": 3})
+    takeover.trace_print(FDEventName.REQUEST_QUEUE_END, rid, "")
+    takeover.trace_event("picked", rid)  # the choice id finds the same request; no time: now
+    takeover.trace_event("nobody", "chatcmpl-unknown")  # a request not traced here: nothing, no error
+    takeover.trace_print(FDEventName.REQUEST_SCHEDULE_END, rid, "")
+    fdt.finish_request(base)
+    fdt.flush()
+    by_name = {s.name: s for s in spans.get_finished_spans()}
+    (queued,) = by_name["REQUEST_QUEUE"].events
+    assert (queued.name, queued.timestamp, dict(queued.attributes)) == ("queued_behind", 1_700_000_000_123_456_789,
+                                                                       {"fastdeploy.depth": 3})
+    (picked,) = by_name["SCHEDULE"].events
+    assert picked.name == "picked" and by_name["REQUEST_QUEUE"].end_time <= picked.timestamp
+    assert picked.timestamp <= by_name["SCHEDULE"].end_time
+    assert not any("queued_behind" in k or "picked" in k for s in by_name.values() for k in s.attributes)
+    assert fdt.stats()["orphan_span_events"] == 0
+
+
+def test_trace_event_before_the_request_is_traced_here_is_counted_not_misplaced(spans):
+    takeover.trace_req_start("chatcmpl-early")  # the API server owns it; no event recorded yet
+    takeover.trace_event("before_preprocessing", "chatcmpl-early")
+    takeover.trace_print(FDEventName.PREPROCESSING_START, "chatcmpl-early_0", "")
+    takeover.trace_print(FDEventName.PREPROCESSING_END, "chatcmpl-early_0", "")
+    fdt.finish_request("chatcmpl-early")
+    fdt.flush()
+    assert fdt.stats()["orphan_span_events"] == 1
+    assert {s.name for s in spans.get_finished_spans()} == {"PREPROCESSING", "fastdeploy.request"}
+    assert not [e for s in spans.get_finished_spans() for e in s.events if e.name == "before_preprocessing"]
