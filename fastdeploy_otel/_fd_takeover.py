@@ -281,17 +281,21 @@ def _after_last_event(ev: Any, key: str) -> None:
         if base_id(key) not in _owned:
             fdt.finish_request(key)
     elif ev is _POST_START:
-        if not _outbound:  # no carrier handed out and waiting for POSTPROCESSING (nothing to look up)
+        if key in _owned:  # the API server: POSTPROCESSING is its own
             return
         base = base_id(key)
         if base in _owned:
             return
-        out = _outbound.pop(base, None)
-        if out is not None:  # the engine is done: hand POSTPROCESSING to the API server with the result
+        # The engine is done with this choice.  FastDeploy asked for the carrier (with the base id) just
+        # before, for whichever choice is finishing: it is completed now, handing this choice's
+        # POSTPROCESSING to the API server with the result.  With n > 1 choices each finishing choice
+        # gets the carrier asked for just before its POSTPROCESSING_START.
+        out = _outbound.pop(base, None) if _outbound else None
+        if out is not None:
             ours = fdt.inject(key)
             if ours:
                 out.update(_wrap(base, ours))
-            fdt.finish_request(key)
+        fdt.finish_request(key)  # even with no carrier waiting: nothing else ends it in this process
     elif key in _owned:
         pending = _finishing.pop(key, None)
         if pending is not None:
@@ -449,12 +453,16 @@ def trace_get_proc_propagate_context(rid: str) -> dict[str, Any] | None:
     if base in _owned:
         ours = fdt.inject(base)
         return _wrap(base, ours) if ours else None
-    choices = _choices.get(base)
-    ours = fdt.inject(choices[-1]) if choices else {}
-    if ours:
-        out = _wrap(base, ours)
-        _remember(_outbound, base, out)
-        return out
+    # The engine: the carrier is for the choice about to finish (completed at its POSTPROCESSING_START);
+    # until then it names the trace through a choice still in flight here (the last one may have finished).
+    choices = _choices.get(base) or []
+    ours = {}
+    for choice in reversed(choices):
+        ours = fdt.inject(choice)
+        if ours:
+            out = _wrap(base, ours)
+            _remember(_outbound, base, out)
+            return out
     # Not traced here yet, or already finished here (a PD prefill instance): pass the trace on as received.
     ours = {k: v for k, v in _inbound.get(base, {}).items() if k != _STAGES_FIELD or not choices}
     return _wrap(base, ours) if ours else None

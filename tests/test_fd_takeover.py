@@ -123,3 +123,26 @@ def test_trace_event_before_the_request_is_traced_here_is_counted_not_misplaced(
     assert fdt.stats()["orphan_span_events"] == 1
     assert {s.name for s in spans.get_finished_spans()} == {"PREPROCESSING", "fastdeploy.request"}
     assert not [e for s in spans.get_finished_spans() for e in s.events if e.name == "before_preprocessing"]
+
+
+def test_each_of_n_choices_hands_its_postprocessing_back_and_is_finished_in_the_engine(spans):
+    """The engine side of n=2: FastDeploy asks for the carrier (base id) just before each choice's
+    POSTPROCESSING_START; the last choice to join finishes first."""
+    base, trace_id = "chatcmpl-n2", "0af7651916cd43dd8448eb211c80319c"
+    takeover.receive(base, {"root_span": {"traceparent": f"00-{trace_id}-b7ad6b7169203331-01"}, "prev_span": "None"})
+    for rid in (f"{base}_0", f"{base}_1"):
+        for ev in (FDEventName.PREPROCESSING_END, FDEventName.INFERENCE_START, FDEventName.INFERENCE_END):
+            takeover.trace_print(ev, rid, "")
+    carriers = {}
+    for rid in (f"{base}_1", f"{base}_0"):
+        carriers[rid] = takeover.trace_get_proc_propagate_context(base)
+        takeover.trace_print(FDEventName.POSTPROCESSING_START, rid, "")
+    fdt.flush()
+    for rid, carrier in carriers.items():
+        ours = carrier[takeover.CARRIER_KEY]
+        assert ours["traceparent"].split("-")[1] == trace_id, rid
+        assert "POSTPROCESSING" in ours.get("fastdeploy-stages", ""), (rid, ours)  # this choice's, handed over
+    assert carriers[f"{base}_0"][takeover.CARRIER_KEY] != carriers[f"{base}_1"][takeover.CARRIER_KEY]
+    assert fdt.stats()["requests_in_flight"] == 0  # both choices finished here, none left to the TTL
+    assert {s.name for s in spans.get_finished_spans()} >= {"PREFILL", "DECODE"}
+    assert "POSTPROCESSING" not in {s.name for s in spans.get_finished_spans()}  # the API server ends it
