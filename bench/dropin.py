@@ -40,10 +40,13 @@ def _replay(print_fn: Callable[..., None], events: list[Any], rids: list[str]) -
 
 
 def run_dropin(requests: int = 2000, rounds: int = 7, chunk: int = 50) -> dict[str, Any]:
-    """The ratio and both per-call costs (µs), FastDeploy's engine-side path (choice ids known).
+    """The ratio and both per-call costs (µs), for requests already joined (their choice ids known).
+
+    Joined by a PREPROCESSING_START with no carrier, each is owned here (recorded under its base id,
+    as the API server's are), so its POSTPROCESSING bookkeeping is the API server's.
 
     Within a round the two variants alternate every `chunk` requests, so that the machine's drift
-    (a shared CI box) falls on both alike; the worker flushes only between rounds."""
+    (a shared CI box) falls on both alike; the queue is drained, untimed, after each chunk."""
     workdir = tempfile.mkdtemp(prefix="bench-dropin-")
     fd_takeover.map_events(FDEventName)
     ours = [ev for ev, _ in MIXED]
@@ -57,7 +60,7 @@ def run_dropin(requests: int = 2000, rounds: int = 7, chunk: int = 50) -> dict[s
         for r in range(rounds + 1):  # the first round warms up and is discarded
             a = [f"chatcmpl-{uuid.uuid4()}_0" for _ in range(requests)]
             b = [f"chatcmpl-{uuid.uuid4()}_0" for _ in range(requests)]
-            for rid in b:  # as in the engine: the request was joined at its first event
+            for rid in b:  # joined at its first event, untimed (owned here: see the docstring)
                 fd_takeover.trace_print(theirs[0], rid, "")
             fdt.flush()
             d = p = 0

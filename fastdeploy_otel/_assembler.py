@@ -20,7 +20,7 @@ from opentelemetry.context import Context
 
 from . import attributes as A
 from ._propagation import Carried, CarrierError, HandedSpan, decode, encode
-from ._records import ABORT, ERROR, EVENT, EXTRACT, FINISH, ErrorLog, MirrorRecord, Record, SpanState
+from ._records import ABORT, ERROR, EVENT, EXTRACT, FINISH, SPAN_EVENT, ErrorLog, MirrorRecord, Record, SpanState
 from ._selflog import get_logger
 from .events import EVENT_TO_STAGE_MAP, LoggingEventName
 from .span_plan import CROSS_PROCESS_STAGES, PLAN, REQUEST_SPAN_NAME, STAGE_ORDER, Action
@@ -134,7 +134,13 @@ class Assembler:
         self.spans: list[SpanState] = []
         self.lines: list[MirrorRecord] = []
         self.errors: list[ErrorLog] = []
-        self.counters = {"evicted_requests": 0, "bad_carriers": 0, "anomalies": 0, "late_events": 0}
+        self.counters = {
+            "evicted_requests": 0,
+            "bad_carriers": 0,
+            "anomalies": 0,
+            "late_events": 0,
+            "orphan_span_events": 0,
+        }
 
     # ---- outputs -------------------------------------------------------------------------------
     def take(self) -> tuple[list[SpanState], list[MirrorRecord], list[ErrorLog]]:
@@ -155,6 +161,8 @@ class Assembler:
             self._abort(rid, ts, payload)
         elif kind == EXTRACT:
             self._extract(rid, ts, payload, ctx)
+        elif kind == SPAN_EVENT:
+            self._span_event(rid, ts, payload)
 
     def inject(self, request_id: str, now_ns: int) -> dict[str, str]:
         """The carrier for `request_id`; open cross-process stages are handed to the receiver."""
@@ -378,6 +386,23 @@ class Assembler:
         if req.open:
             return next(reversed(req.open.values()))
         return req.span
+
+    def _span_event(self, rid: str, ts: int, payload: tuple[str, int | None, dict[str, Any] | None]) -> None:
+        """A named moment on the request's innermost open span (its current stage or sub-stage, else the
+        request span), with the keywords as trace_print's.  A request not in flight here, or one with
+        no span of this process's open, has nowhere to put it: counted, dropped."""
+        req = self.requests.get(rid)
+        span = self._innermost(req) if req is not None else None
+        if req is None or span is None:
+            self.counters["orphan_span_events"] += 1
+            return
+        name, at, kwargs = payload
+        request_attrs, attrs = A.split_keywords(kwargs, self._capture_content) if kwargs else ({}, {})
+        attrs.update(request_attrs)  # about this moment: kept on it, not spread onto the request span
+        at = ts if at is None else at
+        span.events.append((name, at, attrs))
+        span.last_ns = max(span.last_ns, at)
+        req.last_ns = max(req.last_ns, ts)
 
     def _error(self, rec: Record) -> None:
         _, ts, _, rid, _, exc, _, ctx, filename, lineno = rec

@@ -31,7 +31,7 @@ from opentelemetry import trace
 import fastdeploy_otel as fdt
 from fastdeploy_otel import LoggingEventName
 from fastdeploy_otel import api as _api
-from fastdeploy_otel._records import EVENT
+from fastdeploy_otel._records import EVENT, SPAN_EVENT
 
 from ._selflog import get_logger
 
@@ -57,8 +57,14 @@ _NO_ATTRIBUTES: dict[str, Any] = {}  # shared: the assembler only reads a record
 _get_ident = threading.get_ident
 _attach, _detach = otel_context.attach, otel_context.detach
 
-# FastDeploy's LoggingEventName members (a plain Enum with a Python-level __hash__), by id(): ours.
-_events: dict[int, LoggingEventName] = {}
+# FastDeploy's LoggingEventName values -> ours.  The hot path looks a member up by its ``_value_`` (a
+# plain str, its hash cached): FastDeploy's Enum hashes in Python, and id() is a call.
+_events: dict[Any, LoggingEventName] = {}
+# The events after which a process may be done with a request (trace_print checks for them after recording).
+_LAST_EVENTS = frozenset((_POST_START, _POST_END, _TRANSFER_END))
+# The attribute on a Thread naming the request it last recorded an event for (who an ERROR log line is
+# about): cheaper to set than a threading.local, and it goes away with the thread.
+_THREAD_REQUEST = "_fastdeploy_otel_request"
 # Request ids as FastDeploy prints them -> the id we record them under.
 _keys: dict[str, str] = {}
 # Base ids this process owns (trace_req_start ran here) -> the caller's context still to apply.
@@ -75,9 +81,7 @@ _ids: dict[str, tuple[str, str]] = {}
 # Owned requests whose trace_req_finish came first (attrs, when), and those whose POSTPROCESSING_END did.
 _finishing: dict[str, tuple[dict[str, Any], float]] = {}
 _ended: dict[str, None] = {}
-# Per thread, the request it last recorded an event for (who an ERROR log line is about).
-_thread = threading.local()
-# Attributes from trace_slice_add_attr / trace_event / trace_report_span, put on the next event.
+# Attributes from trace_slice_add_attr / trace_slice_end / trace_report_span, put on the next event.
 _annotations: dict[str, dict[str, Any]] = {}
 
 _TABLES = (
@@ -96,13 +100,13 @@ _TABLES = (
 
 def current_request() -> str | None:
     """The request this thread last recorded an event for."""
-    return getattr(_thread, "request", None)
+    return getattr(_current_thread(), _THREAD_REQUEST, None)
 
 
 def reset() -> None:
     """Forget every request (uninstrument)."""
-    global _thread
-    _thread = threading.local()
+    for thread in threading.enumerate():
+        thread.__dict__.pop(_THREAD_REQUEST, None)
     for table in _TABLES:
         table.clear()
 
@@ -122,12 +126,12 @@ def base_id(request_id: str) -> str:
 
 
 def map_events(fd_event_enum: Any) -> None:
-    """Learn FastDeploy's LoggingEventName members so the hot path maps them by identity."""
+    """Learn FastDeploy's LoggingEventName members, so that the hot path maps them by their value."""
     for member in fd_event_enum:
         try:
-            _events[id(member)] = LoggingEventName(member.value)
-        except ValueError:
-            pass  # an event we do not know: trace_print counts it as unknown
+            _events[member._value_] = LoggingEventName(member._value_)
+        except (ValueError, TypeError):
+            pass  # an event we do not know (or an unhashable value): trace_print counts it as unknown
 
 
 # ---- carriers ------------------------------------------------------------------------------------
@@ -187,19 +191,32 @@ def trace_print(event: Any, request_id: Any, user: Any = None) -> None:
     """``fastdeploy.trace.trace_logger.print``: one lifecycle event, recorded by fastdeploy_otel."""
     try:
         key = _keys.get(request_id)
-        ev = _events.get(id(event))
+        try:
+            ev = _events.get(event._value_)
+        except Exception:  # not an Enum member (a string event), or an unhashable value
+            ev = None
         rt = _api._runtime
-        if ev is not None and key is not None and not _annotations and rt is not None and type(user) is str:
+        if (
+            ev is not None
+            and key is not None
+            and not _annotations
+            and rt is not None
+            and (type(user) is str or user is None)
+        ):
             # The common case (a FastDeploy enum member, a request already joined): the Record of
             # _records.Record appended here, with no call in between, is most of what keeps the
             # drop-in as cheap as a direct trace_print.
             q = rt.queue
             if len(q) < rt.max_pending:
                 f = _getframe(1)
-                q.append((EVENT, _time_ns(), ev, key, user, _NO_ATTRIBUTES, _current_thread(), _get_current(),
+                thread = _current_thread()
+                q.append((EVENT, _time_ns(), ev, key, user, _NO_ATTRIBUTES, thread, _get_current(),
                           f.f_code.co_filename, f.f_lineno))  # fmt: skip
+                thread._fastdeploy_otel_request = key  # type: ignore[attr-defined]  # _THREAD_REQUEST
             else:
                 rt.full()
+            if ev in _LAST_EVENTS:
+                _after_last_event(ev, key)
         else:  # a request seen for the first time, pending attributes, or an event given as a string
             ev = event if ev is None else ev
             key, extra, ctx = _prepare(ev, request_id)
@@ -209,9 +226,9 @@ def trace_print(event: Any, request_id: Any, user: Any = None) -> None:
             finally:
                 if token is not None:
                     _detach(token)
-        _thread.request = key
-        if ev is _POST_START or ev is _POST_END or ev is _TRANSFER_END:
-            _after_last_event(ev, key)
+            setattr(_current_thread(), _THREAD_REQUEST, key)
+            if type(ev) is LoggingEventName and ev in _LAST_EVENTS:
+                _after_last_event(ev, key)
     except Exception:  # never into FastDeploy's call site; said once a minute at most
         logger.warning("a FastDeploy trace event could not be recorded", exc_info=True)
 
@@ -264,15 +281,21 @@ def _after_last_event(ev: Any, key: str) -> None:
         if base_id(key) not in _owned:
             fdt.finish_request(key)
     elif ev is _POST_START:
+        if key in _owned:  # the API server: POSTPROCESSING is its own
+            return
         base = base_id(key)
         if base in _owned:
             return
-        out = _outbound.pop(base, None)
-        if out is not None:  # the engine is done: hand POSTPROCESSING to the API server with the result
+        # The engine is done with this choice.  FastDeploy asked for the carrier (with the base id) just
+        # before, for whichever choice is finishing: it is completed now, handing this choice's
+        # POSTPROCESSING to the API server with the result.  With n > 1 choices each finishing choice
+        # gets the carrier asked for just before its POSTPROCESSING_START.
+        out = _outbound.pop(base, None) if _outbound else None
+        if out is not None:
             ours = fdt.inject(key)
             if ours:
                 out.update(_wrap(base, ours))
-            fdt.finish_request(key)
+        fdt.finish_request(key)  # even with no carrier waiting: nothing else ends it in this process
     elif key in _owned:
         pending = _finishing.pop(key, None)
         if pending is not None:
@@ -398,10 +421,13 @@ def trace_report_span(
 
 @_guard
 def trace_event(name: str, rid: str, ts: int | None = None, attrs: dict[str, Any] | None = None) -> None:
-    """A named moment: recorded as attributes ``<name>`` (time, ns) and ``<name>.<key>`` on the next event."""
-    stamped = {str(name): ts or time.time_ns()}
-    stamped.update({f"{name}.{k}": v for k, v in (attrs or {}).items()})
-    _annotate(rid, stamped)
+    """A named moment: a span event `name` at `ts` (ns; now if not given) with `attrs`, on the span this
+    process has open for the request (its innermost: the current stage or sub-stage), as FastDeploy
+    puts it on its current slice span."""
+    key = request_of(str(rid))
+    if key is not None:
+        at = int(ts) if isinstance(ts, (int, float)) and not isinstance(ts, bool) and ts > 0 else None
+        _api._enqueue(SPAN_EVENT, key, (str(name), at, {str(k): v for k, v in (attrs or {}).items()}))
 
 
 @_guard
@@ -427,12 +453,16 @@ def trace_get_proc_propagate_context(rid: str) -> dict[str, Any] | None:
     if base in _owned:
         ours = fdt.inject(base)
         return _wrap(base, ours) if ours else None
-    choices = _choices.get(base)
-    ours = fdt.inject(choices[-1]) if choices else {}
-    if ours:
-        out = _wrap(base, ours)
-        _remember(_outbound, base, out)
-        return out
+    # The engine: the carrier is for the choice about to finish (completed at its POSTPROCESSING_START);
+    # until then it names the trace through a choice still in flight here (the last one may have finished).
+    choices = _choices.get(base) or []
+    ours = {}
+    for choice in reversed(choices):
+        ours = fdt.inject(choice)
+        if ours:
+            out = _wrap(base, ours)
+            _remember(_outbound, base, out)
+            return out
     # Not traced here yet, or already finished here (a PD prefill instance): pass the trace on as received.
     ours = {k: v for k, v in _inbound.get(base, {}).items() if k != _STAGES_FIELD or not choices}
     return _wrap(base, ours) if ours else None

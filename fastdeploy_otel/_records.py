@@ -16,7 +16,9 @@ from typing import Any, NamedTuple
 from opentelemetry.context import Context
 
 # What a calling thread queued: the first element of every Record.
-EVENT, ERROR, FINISH, ABORT, EXTRACT = range(5)
+EVENT, ERROR, FINISH, ABORT, EXTRACT, SPAN_EVENT = range(6)
+# A SPAN_EVENT's payload is (name, time_ns or None for the record's own, attributes): a named moment
+# on the request's innermost open span (FastDeploy's trace_event); an EVENT is a lifecycle event.
 
 # A queued record, as the hot path builds it:
 #     (kind, ts_ns, event, request_id, user, payload, thread, context, filename, lineno)
