@@ -8,8 +8,10 @@ exported; 2: nothing to read or a bad option).  See docs/REPLAY.md.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
+import gc
 import os
 import re
 import signal
@@ -34,6 +36,7 @@ __all__ = ["Options", "parse_time", "run"]
 
 SCOPE = ("fastdeploy_otel", __version__)
 _EXAMPLES = 5  # damaged lines reported with file:line
+_GC_THRESHOLD = (100_000, 20, 100)  # cyclic GC while replaying files (the default is (700, 10, 10))
 
 
 @dataclass
@@ -312,7 +315,8 @@ def run(opts: Options, stdout: TextIO | None = None, stderr: TextIO | None = Non
             print(f"following {what} (Ctrl-C or SIGTERM to stop)", file=err, flush=True)
             _follow(state, replayer, outputs, progress)
         else:
-            _batch(state, files, replayer, progress)
+            with _rare_collections():
+                _batch(state, files, replayer, progress)
         replayer.finish()
     finally:
         progress.close()
@@ -375,6 +379,19 @@ def _report(
     if opts.html:
         print(f"timeline: {opts.html}", file=err)
     return status
+
+
+@contextlib.contextmanager
+def _rare_collections() -> Iterator[None]:
+    """A replay makes millions of short-lived objects, none in a reference cycle (reference counting
+    frees them), while lines, requests and spans in flight survive long enough to be scanned again and
+    again: at the default thresholds the cyclic GC found nothing and took 15% of a 1M-line replay."""
+    previous = gc.get_threshold()
+    gc.set_threshold(*_GC_THRESHOLD)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*previous)
 
 
 def _on_stop_signals(stop: threading.Event) -> dict[int, Any]:
