@@ -103,6 +103,9 @@ _OPENING = frozenset({LoggingEventName.PREPROCESSING_START})
 # Plain strings for the enum values (an Enum's .value is a descriptor call per use).
 _NAME = {e: e.value for e in LoggingEventName}
 _STAGE = {e: s.value for e, s in EVENT_TO_STAGE_MAP.items()}
+# The actions as plain names: an Enum member looked up on its class costs ~70 ns, a global ~7 ns.
+_OPEN, _CLOSE, _POINT_CLOSE = Action.OPEN, Action.CLOSE, Action.POINT_CLOSE
+_STAGE_INDEX = {stage: i for i, stage in enumerate(STAGE_ORDER)}
 
 # Attributes every process sets for itself; not worth carrying.
 _PER_PROCESS = frozenset({A.REQUEST_ID, A.STAGE, A.USER_ID})
@@ -274,9 +277,9 @@ class Assembler:
         return span
 
     def _end_implicit_before(self, req: RequestState, stage: str) -> None:
-        order = STAGE_ORDER.index(stage)
+        order = _STAGE_INDEX[stage]
         for name, span in list(req.open.items()):
-            if span.implicit and name in STAGE_ORDER and STAGE_ORDER.index(name) < order:
+            if span.implicit and _STAGE_INDEX.get(name, order) < order:
                 self._close(req, span, span.last_ns)
 
     def _close(self, req: RequestState, span: SpanState, ts: int, error: str | None = None) -> None:
@@ -294,6 +297,8 @@ class Assembler:
             self.spans.append(span)
 
     def _close_children(self, req: RequestState, span: SpanState, ts: int, why: str) -> None:
+        if span.name != span.stage:
+            return  # only a stage span has children (its sub-stages)
         for child in [c for c in req.open.values() if c.parent_id == span.span_id and c is not span]:
             self._close(req, child, ts, why)
 
@@ -325,17 +330,20 @@ class Assembler:
         req = self._request(rid, ts, user, ctx, fresh=event in _OPENING)
         step = PLAN[event]
         stage = _STAGE[event]
-        request_attrs, attrs = A.split_keywords(kwargs, self._capture_content) if kwargs else ({}, {})
-        if request_attrs:
-            if req.span is not None:
-                req.span.attributes.update(request_attrs)
-            else:
-                attrs.update(request_attrs)  # a copy cannot touch the request span; keep them on this one
+        if kwargs:
+            request_attrs, attrs = A.split_keywords(kwargs, self._capture_content)
+            if request_attrs:
+                if req.span is not None:
+                    req.span.attributes.update(request_attrs)
+                else:
+                    attrs.update(request_attrs)  # a copy cannot touch the request span; keep them on this one
+        else:
+            attrs = {}
         action = step.action
-        if action is Action.OPEN and step.unless_open and step.unless_open in req.open:
+        if action is _OPEN and step.unless_open and step.unless_open in req.open:
             span = req.open[step.unless_open]
             span.events.append((_NAME[event], ts, attrs))
-        elif action is Action.OPEN:
+        elif action is _OPEN:
             found = req.open.get(step.span)
             if found is not None and found.implicit:
                 # The stage was opened by an earlier sub-stage or point event: the START adopts it.
@@ -351,7 +359,7 @@ class Assembler:
                     self._end_implicit_before(req, step.span)
                 span = self._open(req, step.span, step.stage, ts)
                 span.attributes.update(attrs)
-        elif action is Action.CLOSE:
+        elif action is _CLOSE:
             closing = req.open.get(step.span)
             if closing is not None:
                 span = closing
@@ -369,7 +377,7 @@ class Assembler:
             span = self._stage(req, step.stage, ts)
             span.events.append((_NAME[event], ts, attrs))
             span.last_ns = ts
-            if action is Action.POINT_CLOSE:
+            if action is _POINT_CLOSE:
                 self._close(req, span, ts)
         if self._mirror:
             self._line(rec, req, span.span_id, stage)

@@ -56,14 +56,6 @@ _GOLDEN = 0x9E3779B97F4A7C15
 _M64 = (1 << 64) - 1
 
 
-def _mix64(x: int) -> int:
-    """splitmix64's finaliser: distinct inputs give distinct, well spread 64-bit ids (cheaper than a hash)."""
-    x &= _M64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
-    return (x ^ (x >> 31)) or 1
-
-
 def _target(step_name: LoggingEventName, open_spans: dict[str, SpanState]) -> str:
     """The span the event belongs to, i.e. the span whose id its mirror line carries."""
     step = PLAN[step_name]
@@ -96,7 +88,11 @@ class ReplayIds:
             return line.span_id
         n = self._opened.get(trace_id, 0) + 1
         self._opened[trace_id] = n
-        return _mix64((trace_id ^ (trace_id >> 64)) + n * _GOLDEN)
+        # splitmix64's finaliser: distinct inputs give distinct, well spread 64-bit ids (cheaper than a hash)
+        x = ((trace_id ^ (trace_id >> 64)) + n * _GOLDEN) & _M64
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+        return (x ^ (x >> 31)) or 1
 
     def forget(self, trace_id: int) -> None:
         self._opened.pop(trace_id, None)
@@ -177,8 +173,9 @@ class Replayer:
             trace_id = requests[key].trace_id
             asm.handle((FINISH, ts, None, key, None, None, _NO_THREAD, None, "", 0))  # type: ignore[arg-type]
             self._ended(key, trace_id)
-        elif asm.spans:
-            self._hold(asm.take()[0])
+        elif asm.spans:  # a span closed: held until its request ends
+            self._hold(asm.spans)
+            asm.spans.clear()
         self._fed += 1
         if self._fed >= self._next_sweep:
             self._next_sweep = self._fed + max(4096, len(requests))
@@ -227,7 +224,8 @@ class Replayer:
 
     def _ended(self, key: str, trace_id: int) -> None:
         """The request `key` has left the assembler: hand its spans on."""
-        self._hold(self.asm.take()[0])
+        self._hold(self.asm.spans)
+        self.asm.spans.clear()
         out = self._held.pop(trace_id, None)
         base = self._base_seen.pop(key, None)
         if out:
