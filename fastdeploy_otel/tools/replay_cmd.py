@@ -20,17 +20,17 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 from .._records import SpanState
 from ..version import __version__
 from .follow import Follower
 from .logfiles import STDIN, find_logs, read_lines
-from .ordering import RANK, HeldLines, merge, reorder
+from .ordering import HeldLines, merge, reorder
 from .replay import Replayer, base_request_id
 from .spans import Span
 from .spanstates import JsonLinesWriter, to_span
-from .tracelog import parse, why_bad
+from .tracelog import TraceLine, parse, why_bad
 
 __all__ = ["Options", "parse_time", "run"]
 
@@ -216,35 +216,43 @@ class _Run:
             return False
         return not o.request_ids or rid in o.request_ids or base_request_id(rid) in o.request_ids
 
-    def stream(self, index: int, path: str) -> Iterator[tuple[int, int, int, int, Any]]:
-        """(timestamp, rank, file index, line number, TraceLine) for the usable lines of one file."""
+    def stream(self, path: str) -> Iterator[list[TraceLine]]:
+        """The usable lines of one file, in file order, a read's worth at a time; damaged lines are
+        counted and reported, with their line numbers."""
         filtering = self.opts.since_ms is not None or self.opts.until_ms is not None or self.opts.request_ids
-        bad = self.damage.line
-        rank = RANK
-        for lineno, text in read_lines(path, self.damage.read_error):
-            line = parse(text)
-            if line is None:
-                if text.strip():
-                    bad(path, lineno, text)
-                continue
-            if filtering and not self.wanted(line.ts_ms, line.request_id):
-                continue
-            yield line.ts_ms, rank[line.event], index, lineno, line
+        wanted = self.wanted
+        lineno = 0
+        for texts in read_lines(path, self.damage.read_error):
+            parsed = list(map(parse, texts))
+            # all(): no None, i.e. no line parse() could not use
+            lines = cast("list[TraceLine]", parsed) if all(parsed) else self._usable(path, lineno, texts, parsed)
+            if filtering:
+                lines = [line for line in lines if wanted(line.ts_ms, line.request_id)]
+            lineno += len(texts)
+            yield lines
+
+    def _usable(self, path: str, lineno: int, texts: list[str], lines: list[TraceLine | None]) -> list[TraceLine]:
+        """`lines` without the Nones, each reported (a blank line is passed over)."""
+        out = []
+        for i, (text, line) in enumerate(zip(texts, lines, strict=True), lineno + 1):
+            if line is not None:
+                out.append(line)
+            elif text.strip():
+                self.damage.line(path, i, text)
+        return out
 
 
 def _batch(run: _Run, files: list[str], replayer: Replayer, progress: Progress) -> None:
-    items = reorder(merge([run.stream(i, p) for i, p in enumerate(files)]), run.opts.reorder_ms)
     feed = replayer.feed
     n = 0
-    for item in items:
-        feed(item[4])
-        n += 1
-        if not n & 4095:
-            run.lines = n
-            progress.update(n, replayer)
-            if run.stop.is_set():
-                break
-    run.lines = n
+    for lines in reorder(merge([run.stream(p) for p in files]), run.opts.reorder_ms):
+        for line in lines:
+            feed(line)
+        n += len(lines)
+        run.lines = n
+        progress.update(n, replayer)
+        if run.stop.is_set():
+            break
 
 
 def _follow(run: _Run, replayer: Replayer, outputs: Outputs, progress: Progress) -> None:
@@ -261,12 +269,12 @@ def _follow(run: _Run, replayer: Replayer, outputs: Outputs, progress: Progress)
                 if text.strip():
                     bad(path, lineno, text)
             elif run.wanted(line.ts_ms, line.request_id):
-                items.append((line.ts_ms, RANK[line.event], 0, lineno, line))
+                items.append(line)
         held.add(items, now)
 
-    def feed(items: list) -> None:
-        for item in items:
-            replayer.feed(item[4])
+    def feed(items: list[TraceLine]) -> None:
+        for line in items:
+            replayer.feed(line)
         run.lines += len(items)
 
     while not run.stop.is_set():
