@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from .. import attributes as A
 from .._assembler import Assembler, request_span_id
@@ -142,44 +142,52 @@ class Replayer:
             return base
         return self._recent.get(rid) or self._recent.get(base) or rid
 
-    def feed(self, line: TraceLine) -> None:
-        """One line; lines should come in timestamp order (a little disorder is an anomaly, not a failure)."""
+    def feed(self, lines: Iterable[TraceLine]) -> None:
+        """Lines in timestamp order (a little disorder is an anomaly, not a failure).  A list at a
+        time: what every line needs is looked up once per list, not once per line."""
         asm = self.asm
         requests = asm.requests
-        ts_ms, rid, event, user, trace_id, span_id = line
-        key = rid if rid in requests else self._key(rid)
-        ts = ts_ms * 1_000_000 + _HALF_MS  # the middle of its millisecond: within 0.5 ms of the event
-        req = requests.get(key)
-        if req is None:
-            if len(requests) >= self.max_in_flight:
-                self.end(next(iter(requests)))
-            base = base_request_id(key)
-            if base != key:
-                self._keys[base] = key
-        elif trace_id and req.trace_id != trace_id and key not in self._pinned:
-            self._adopt(key, trace_id)
+        handle = asm.handle
+        spans = asm.spans
         ids = self.ids
-        ids.line = line
-        if span_id:
-            ids.preset = _target(event, req.open if req is not None else {})
-            if req is not None:
-                self._pin_span(key, ids.preset, span_id)
-        asm.handle((EVENT, ts, event, key, user, None, _NO_THREAD, None, "", 0))  # type: ignore[arg-type]
-        if trace_id:
-            self._pinned.add(key)
-        if ts > self.last_ns:
-            self.last_ns = ts
-        if event is _END:
-            trace_id = requests[key].trace_id
-            asm.handle((FINISH, ts, None, key, None, None, _NO_THREAD, None, "", 0))  # type: ignore[arg-type]
-            self._ended(key, trace_id)
-        elif asm.spans:  # a span closed: held until its request ends
-            self._hold(asm.spans)
-            asm.spans.clear()
-        self._fed += 1
-        if self._fed >= self._next_sweep:
-            self._next_sweep = self._fed + max(4096, len(requests))
-            self.sweep(self.last_ns)
+        pinned = self._pinned
+        last_ns = self.last_ns
+        for line in lines:
+            ts_ms, rid, event, user, trace_id, span_id = line
+            key = rid if rid in requests else self._key(rid)
+            ts = ts_ms * 1_000_000 + _HALF_MS  # the middle of its millisecond: within 0.5 ms of the event
+            req = requests.get(key)
+            if req is None:
+                if len(requests) >= self.max_in_flight:
+                    self.end(next(iter(requests)))
+                base = base_request_id(key)
+                if base != key:
+                    self._keys[base] = key
+            elif trace_id and req.trace_id != trace_id and key not in pinned:
+                self._adopt(key, trace_id)
+            ids.line = line
+            if span_id:
+                ids.preset = _target(event, req.open if req is not None else {})
+                if req is not None:
+                    self._pin_span(key, ids.preset, span_id)
+            handle((EVENT, ts, event, key, user, None, _NO_THREAD, None, "", 0))  # type: ignore[arg-type]
+            if trace_id:
+                pinned.add(key)
+            if ts > last_ns:
+                last_ns = ts
+            if event is _END:
+                trace_id = requests[key].trace_id
+                handle((FINISH, ts, None, key, None, None, _NO_THREAD, None, "", 0))  # type: ignore[arg-type]
+                self._ended(key, trace_id)
+            elif spans:  # a span closed: held until its request ends
+                self._hold(spans)
+                spans.clear()
+            self._fed += 1
+            if self._fed >= self._next_sweep:
+                self._next_sweep = self._fed + max(4096, len(requests))
+                self.last_ns = last_ns
+                self.sweep(last_ns)
+        self.last_ns = last_ns
 
     def _pin_span(self, key: str, name: str, span_id: int) -> None:
         """A line names the id of an open span that was opened with a derived one (implicitly, by an
@@ -224,8 +232,9 @@ class Replayer:
 
     def _ended(self, key: str, trace_id: int) -> None:
         """The request `key` has left the assembler: hand its spans on."""
-        self._hold(self.asm.spans)
-        self.asm.spans.clear()
+        spans = self.asm.spans
+        self._hold(spans)
+        spans.clear()
         out = self._held.pop(trace_id, None)
         base = self._base_seen.pop(key, None)
         if out:

@@ -243,11 +243,9 @@ class _Run:
 
 
 def _batch(run: _Run, files: list[str], replayer: Replayer, progress: Progress) -> None:
-    feed = replayer.feed
     n = 0
     for lines in reorder(merge([run.stream(p) for p in files]), run.opts.reorder_ms):
-        for line in lines:
-            feed(line)
+        replayer.feed(lines)
         n += len(lines)
         run.lines = n
         progress.update(n, replayer)
@@ -273,8 +271,7 @@ def _follow(run: _Run, replayer: Replayer, outputs: Outputs, progress: Progress)
         held.add(items, now)
 
     def feed(items: list[TraceLine]) -> None:
-        for line in items:
-            replayer.feed(line)
+        replayer.feed(items)
         run.lines += len(items)
 
     while not run.stop.is_set():
