@@ -80,27 +80,29 @@ def _hex(value: str | None) -> int:
         return 0
 
 
-# The shape FastDeploy and the mirror write, from [timestamp=] on, with no bracket or backslash in any
-# value: one match gives every value.  Any other line (escapes, "] [" inside a value, odd spellings
-# of a number) is left to _fields, which agrees on every line this accepts.
-_V = r"[^\]\[\\]"  # a character of a plain value
+# The shape FastDeploy and the mirror write, from [timestamp=] on, with no "]" in any value (and, on
+# a mirror line, no escape): one search gives every value.  Any other line ("] [" inside a value,
+# escapes, odd spellings of a number) is left to _fields, which agrees on every line this accepts
+# (unless its header, before [timestamp=], is damaged: _fields reads fields there too).
+_V = r"[^\]]"  # a character of a plain value (a class of one character: sre's fastest repeat)
 _COMMON = re.compile(
     rf"\[timestamp=([0-9]+)\] \[request_id=({_V}+)\] (?:\[user_id=({_V}*)\] )?\[event=({_V}+)\] \[stage={_V}*\]"
     r"(?: \[trace_id=(?:unknown|([0-9a-f]{1,32}))\])?(?: \[span_id=([0-9a-f]{1,16})\])?\s*\Z"
 )
-_match = _COMMON.match
+_search = _COMMON.search
 
 
 def parse(text: str) -> TraceLine | None:
     """The line's values, or None when it is not a usable trace line (see why_bad)."""
     if len(text) > MAX_LINE:
         return None
-    m = _match(text, text.find("[timestamp="))  # not found: -1 is taken as 0, where it cannot match
+    m = _search(text)
     if m is not None:
         stamp, rid, user, name, trace_id, span_id = m.groups()
         ms = int(stamp)
         ev = _lookup(name)
-        if ev is not None and ms > 0:
+        # A span_id makes it a mirror line, whose values may hold escapes: those are _fields' to undo.
+        if ev is not None and ms > 0 and (span_id is None or "\\" not in text):
             return _new(
                 TraceLine,
                 (
