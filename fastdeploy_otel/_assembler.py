@@ -258,11 +258,10 @@ class Assembler:
             req.sampled,
             ts,
             stage,
+            {A.REQUEST_ID: A.capped(req.request_id), A.STAGE: stage},
             implicit=implicit,
             last_ns=ts,
         )
-        span.attributes[A.REQUEST_ID] = A.capped(req.request_id)
-        span.attributes[A.STAGE] = stage
         if implicit:
             span.attributes[A.IMPLICIT_START] = True
         req.open[name] = span
@@ -285,14 +284,14 @@ class Assembler:
     def _close(self, req: RequestState, span: SpanState, ts: int, error: str | None = None) -> None:
         req.open.pop(span.name, None)
         self._close_children(req, span, ts, "unterminated: its stage ended first")
-        span.end_ns = max(ts, span.start_ns)
+        span.end_ns = ts if ts > span.start_ns else span.start_ns
         if error and not span.error:
             span.error = error
         if req.user is not None:  # the user may only be known from a later event
             span.attributes[A.USER_ID] = A.capped(A.text(req.user))
         parent = req.open.get(span.stage) if span.name != span.stage else None
-        if parent is not None:
-            parent.last_ns = max(parent.last_ns, span.end_ns)
+        if parent is not None and span.end_ns > parent.last_ns:
+            parent.last_ns = span.end_ns
         if span.sampled:
             self.spans.append(span)
 
@@ -327,7 +326,7 @@ class Assembler:
     # ---- record handlers -----------------------------------------------------------------------
     def _event(self, rec: Record) -> None:
         _, ts, event, rid, user, kwargs, _, ctx, _, _ = rec
-        req = self._request(rid, ts, user, ctx, fresh=event in _OPENING)
+        req = self._request(rid, ts, user, ctx, event in _OPENING)
         step = PLAN[event]
         stage = _STAGE[event]
         if kwargs:

@@ -72,7 +72,7 @@ class ReplayIds:
     def __init__(self) -> None:
         self.line: TraceLine | None = None
         self.preset: str = ""  # the span name the line's span_id is for
-        self._opened: dict[int, int] = {}  # spans opened so far per trace: tells apart spans of one ms
+        self._opened: dict[int, int] = {}  # per trace, the last span id's input: tells apart spans of one ms
 
     def trace_id(self, request_id: str, ts_ns: int) -> int:
         line = self.line
@@ -86,10 +86,13 @@ class ReplayIds:
             return request_span_id(trace_id, line.request_id if line is not None else request_id, ts_ns)
         if line is not None and line.span_id and name == self.preset:
             return line.span_id
-        n = self._opened.get(trace_id, 0) + 1
-        self._opened[trace_id] = n
-        # splitmix64's finaliser: distinct inputs give distinct, well spread 64-bit ids (cheaper than a hash)
-        x = ((trace_id ^ (trace_id >> 64)) + n * _GOLDEN) & _M64
+        # The n-th span opened in the trace: splitmix64's finaliser of (folded trace id + n * golden
+        # ratio), which gives distinct inputs distinct, well spread 64-bit ids (cheaper than a hash).
+        x = self._opened.get(trace_id)
+        if x is None:
+            x = (trace_id ^ (trace_id >> 64)) & _M64
+        x = (x + _GOLDEN) & _M64
+        self._opened[trace_id] = x
         x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
         x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
         return (x ^ (x >> 31)) or 1
