@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 
 from .. import attributes as A
@@ -118,7 +119,8 @@ class Replayer:
         self.asm = Assembler(lambda ctx, trace_id: True, False, max_in_flight + 1, self.ttl_ns, self.ids, mirror=False)
         self._keys: dict[str, str] = {}  # a base id -> the key of the in-flight request that began under a choice id
         self._base_seen: dict[str, str] = {}  # such a key -> its base id, once a line used it
-        self._recent: dict[str, str] = {}  # ids of recently ended requests -> their key
+        # ids of recently ended requests -> their key (ordered: the oldest is dropped, see Assembler._finished)
+        self._recent: OrderedDict[str, str] = OrderedDict()
         self._pinned: set[str] = set()  # requests whose trace id came from a line
         self._held: dict[int, list[SpanState]] = {}  # finished spans by trace id, until their request ends
         self._fed = 0
@@ -256,7 +258,7 @@ class Replayer:
         if base != key:
             self._recent[base] = key
         while len(self._recent) > _RECENT:
-            del self._recent[next(iter(self._recent))]
+            self._recent.popitem(last=False)
 
     def end(self, key: str) -> None:
         """End the in-flight request `key` as incomplete."""
