@@ -330,7 +330,6 @@ class Assembler:
         _, ts, event, rid, user, kwargs, _, ctx, _, _ = rec
         req = self._request(rid, ts, user, ctx, event in _OPENING)
         step = PLAN[event]
-        stage = _STAGE[event]
         if kwargs:
             request_attrs, attrs = A.split_keywords(kwargs, self._capture_content)
             if request_attrs:
@@ -381,7 +380,7 @@ class Assembler:
             if action is _POINT_CLOSE:
                 self._close(req, span, ts)
         if self._mirror:
-            self._line(rec, req, span.span_id, stage)
+            self._line(rec, req, span.span_id, _STAGE[event])
 
     def _innermost(self, req: RequestState) -> SpanState | None:
         if req.open:

@@ -157,11 +157,16 @@ class Replayer:
         ids = self.ids
         pinned = self._pinned
         last_ns = self.last_ns
+        fed, next_sweep = self._fed, self._next_sweep
         for line in lines:
             ts_ms, rid, event, user, trace_id, span_id = line
-            key = rid if rid in requests else self._key(rid)
+            req = requests.get(rid)
+            if req is not None:
+                key = rid
+            else:
+                key = self._key(rid)
+                req = requests.get(key)
             ts = ts_ms * 1_000_000 + _HALF_MS  # the middle of its millisecond: within 0.5 ms of the event
-            req = requests.get(key)
             if req is None:
                 if len(requests) >= self.max_in_flight:
                     self.end(next(iter(requests)))
@@ -187,12 +192,13 @@ class Replayer:
             elif spans:  # a span closed: held until its request ends
                 self._hold(spans)
                 spans.clear()
-            self._fed += 1
-            if self._fed >= self._next_sweep:
-                self._next_sweep = self._fed + max(4096, len(requests))
+            fed += 1
+            if fed >= next_sweep:
+                next_sweep = fed + max(4096, len(requests))
                 self.last_ns = last_ns
                 self.sweep(last_ns)
         self.last_ns = last_ns
+        self._fed, self._next_sweep = fed, next_sweep
 
     def _pin_span(self, key: str, name: str, span_id: int) -> None:
         """A line names the id of an open span that was opened with a derived one (implicitly, by an
