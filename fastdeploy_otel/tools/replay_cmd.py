@@ -30,7 +30,7 @@ from .ordering import HeldLines, merge, reorder
 from .replay import Replayer, base_request_id
 from .spans import Span
 from .spanstates import JsonLinesWriter, to_span
-from .tracelog import TraceLine, parse, why_bad
+from .tracelog import TraceLine, parse, parse_many, why_bad
 
 __all__ = ["Options", "parse_time", "run"]
 
@@ -223,7 +223,7 @@ class _Run:
         wanted = self.wanted
         lineno = 0
         for texts in read_lines(path, self.damage.read_error):
-            parsed = list(map(parse, texts))
+            parsed = parse_many(texts)
             # all(): no None, i.e. no line parse() could not use
             lines = cast("list[TraceLine]", parsed) if all(parsed) else self._usable(path, lineno, texts, parsed)
             if filtering:
