@@ -151,7 +151,7 @@ class Assembler:
     def handle(self, rec: Record) -> None:
         kind, ts, _, rid, _, payload, _, ctx, _, _ = rec
         if kind == EVENT:
-            self._event(rec)
+            self.event(rec)
         elif kind == ERROR:
             self._error(rec)
         elif kind == FINISH:
@@ -326,7 +326,8 @@ class Assembler:
         span.events.append((A.ANOMALY, ts, {A.ANOMALY: what, "fastdeploy.event": event}))
 
     # ---- record handlers -----------------------------------------------------------------------
-    def _event(self, rec: Record) -> None:
+    def event(self, rec: Record) -> None:
+        """An EVENT record: what handle() does with one, without its dispatch (a replay's hot path)."""
         _, ts, event, rid, user, kwargs, _, ctx, _, _ = rec
         req = self._request(rid, ts, user, ctx, event in _OPENING)
         step = PLAN[event]

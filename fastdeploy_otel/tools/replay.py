@@ -152,7 +152,7 @@ class Replayer:
         time: what every line needs is looked up once per list, not once per line."""
         asm = self.asm
         requests = asm.requests
-        handle = asm.handle
+        event_record = asm.event
         spans = asm.spans
         ids = self.ids
         pinned = self._pinned
@@ -180,14 +180,14 @@ class Replayer:
                 ids.preset = _target(event, req.open if req is not None else {})
                 if req is not None:
                     self._pin_span(key, ids.preset, span_id)
-            handle((EVENT, ts, event, key, user, None, _NO_THREAD, None, "", 0))  # type: ignore[arg-type]
+            event_record((EVENT, ts, event, key, user, None, _NO_THREAD, None, "", 0))  # type: ignore[arg-type]
             if trace_id:
                 pinned.add(key)
             if ts > last_ns:
                 last_ns = ts
             if event is _END:
                 trace_id = requests[key].trace_id
-                handle((FINISH, ts, None, key, None, None, _NO_THREAD, None, "", 0))  # type: ignore[arg-type]
+                asm.handle((FINISH, ts, None, key, None, None, _NO_THREAD, None, "", 0))  # type: ignore[arg-type]
                 self._ended(key, trace_id)
             elif spans:  # a span closed: held until its request ends
                 self._hold(spans)
