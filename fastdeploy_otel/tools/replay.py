@@ -21,7 +21,6 @@ not say is decided here:
 from __future__ import annotations
 
 import hashlib
-import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -35,7 +34,6 @@ from .tracelog import TraceLine
 
 __all__ = ["Replayer", "ReplayIds", "base_request_id"]
 
-_CHOICE = re.compile(r"(?:_|::n::)\d+\Z")
 _END = LoggingEventName.POSTPROCESSING_END
 _NO_THREAD = threading.main_thread()  # Records name a thread; only mirror lines use it, and a replay makes none
 _HALF_MS = 500_000
@@ -43,9 +41,18 @@ _RECENT = 10_000  # finished request ids remembered, so that a late line joins i
 
 
 def base_request_id(request_id: str) -> str:
-    """The request a per-choice id belongs to (``X_0`` and ``X::n::0`` -> ``X``)."""
-    m = _CHOICE.search(request_id)
-    return request_id[: m.start()] if m is not None and m.start() > 0 else request_id
+    """The request a per-choice id belongs to (``X_0`` and ``X::n::0`` -> ``X``): the id without a
+    trailing ``_N`` or ``::n::N`` (N: decimal digits), unless nothing would be left.  Looked at from
+    the end (a regex search would try every position of the id)."""
+    end = len(request_id)
+    while end and request_id[end - 1].isdecimal():  # isdecimal: what \d matches
+        end -= 1
+    if end < len(request_id):
+        if request_id.endswith("_", 0, end) and end > 1:
+            return request_id[: end - 1]
+        if request_id.endswith("::n::", 0, end) and end > 5:
+            return request_id[: end - 5]
+    return request_id
 
 
 def _derive(nbytes: int, *parts: object) -> int:
