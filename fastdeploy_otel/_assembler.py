@@ -285,7 +285,8 @@ class Assembler:
 
     def _close(self, req: RequestState, span: SpanState, ts: int, error: str | None = None) -> None:
         req.open.pop(span.name, None)
-        self._close_children(req, span, ts, "unterminated: its stage ended first")
+        if span.name == span.stage:  # only a stage span has children (its sub-stages)
+            self._close_children(req, span, ts, "unterminated: its stage ended first")
         span.end_ns = ts if ts > span.start_ns else span.start_ns
         if error and not span.error:
             span.error = error
@@ -298,8 +299,6 @@ class Assembler:
             self.spans.append(span)
 
     def _close_children(self, req: RequestState, span: SpanState, ts: int, why: str) -> None:
-        if span.name != span.stage:
-            return  # only a stage span has children (its sub-stages)
         for child in [c for c in req.open.values() if c.parent_id == span.span_id and c is not span]:
             self._close(req, child, ts, why)
 
