@@ -23,7 +23,9 @@ _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 # A str as a JSON string literal, what _dumps does for a str, without its Python-level dispatch.
 _string = json.encoder.encode_basestring
 _SPAN_KIND_INTERNAL = 1
-_CACHE_MAX = 50_000
+# Entries kept: the pairs that recur (stage, replayed) are re-encoded after a clear at no real cost, and a
+# request's own (its id) stop recurring when it ends; at 50,000 the cache was a quarter of a replay's RSS.
+_CACHE_MAX = 4096
 
 
 def _any_value(v: Any) -> str:
