@@ -19,6 +19,7 @@ from typing import TextIO
 __all__ = ["STDIN", "find_logs", "is_trace_log", "open_text", "read_lines"]
 
 STDIN = "-"
+_CHUNK = 16 << 10  # characters of lines read at a time
 _NAME = re.compile(r"^trace(?:_logger)?\.log(?:\.\d{4}-\d\d-\d\d|\.\d+)?(?:\.gz)?$")
 
 
@@ -68,13 +69,16 @@ def open_text(path: str) -> TextIO:
     return io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="\n")
 
 
-def read_lines(path: str, on_error: Callable[[str, int, str], None]) -> Iterator[tuple[int, str]]:
-    """(line number, text) for each line of `path`; an open or read failure is passed to `on_error`
-    (path, line number, what) and ends the file."""
+def read_lines(path: str, on_error: Callable[[str, int, str], None]) -> Iterator[list[str]]:
+    """The lines of `path` in lists of about _CHUNK characters (one call per list, not per line); an
+    open or read failure is passed to `on_error` (path, line number, what) and ends the file.  The
+    lines of the list being read when it failed are lost, as the text of the block being decoded
+    always was."""
     lineno = 0
     try:
         with open_text(path) as f:
-            for lineno, text in enumerate(f, 1):  # noqa: B007 - lineno is read after the loop too
-                yield lineno, text
+            while lines := f.readlines(_CHUNK):
+                lineno += len(lines)
+                yield lines
     except (OSError, EOFError, gzip.BadGzipFile, ValueError) as exc:
         on_error(path, lineno + 1, f"cannot read further: {type(exc).__name__}: {exc}")

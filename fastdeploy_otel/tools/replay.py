@@ -21,9 +21,9 @@ not say is decided here:
 from __future__ import annotations
 
 import hashlib
-import re
 import threading
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 
 from .. import attributes as A
 from .._assembler import Assembler, request_span_id
@@ -34,7 +34,6 @@ from .tracelog import TraceLine
 
 __all__ = ["Replayer", "ReplayIds", "base_request_id"]
 
-_CHOICE = re.compile(r"(?:_|::n::)\d+\Z")
 _END = LoggingEventName.POSTPROCESSING_END
 _NO_THREAD = threading.main_thread()  # Records name a thread; only mirror lines use it, and a replay makes none
 _HALF_MS = 500_000
@@ -42,9 +41,18 @@ _RECENT = 10_000  # finished request ids remembered, so that a late line joins i
 
 
 def base_request_id(request_id: str) -> str:
-    """The request a per-choice id belongs to (``X_0`` and ``X::n::0`` -> ``X``)."""
-    m = _CHOICE.search(request_id)
-    return request_id[: m.start()] if m is not None and m.start() > 0 else request_id
+    """The request a per-choice id belongs to (``X_0`` and ``X::n::0`` -> ``X``): the id without a
+    trailing ``_N`` or ``::n::N`` (N: decimal digits), unless nothing would be left.  Looked at from
+    the end (a regex search would try every position of the id)."""
+    end = len(request_id)
+    while end and request_id[end - 1].isdecimal():  # isdecimal: what \d matches
+        end -= 1
+    if end < len(request_id):
+        if request_id.endswith("_", 0, end) and end > 1:
+            return request_id[: end - 1]
+        if request_id.endswith("::n::", 0, end) and end > 5:
+            return request_id[: end - 5]
+    return request_id
 
 
 def _derive(nbytes: int, *parts: object) -> int:
@@ -54,14 +62,6 @@ def _derive(nbytes: int, *parts: object) -> int:
 
 _GOLDEN = 0x9E3779B97F4A7C15
 _M64 = (1 << 64) - 1
-
-
-def _mix64(x: int) -> int:
-    """splitmix64's finaliser: distinct inputs give distinct, well spread 64-bit ids (cheaper than a hash)."""
-    x &= _M64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
-    return (x ^ (x >> 31)) or 1
 
 
 def _target(step_name: LoggingEventName, open_spans: dict[str, SpanState]) -> str:
@@ -80,7 +80,7 @@ class ReplayIds:
     def __init__(self) -> None:
         self.line: TraceLine | None = None
         self.preset: str = ""  # the span name the line's span_id is for
-        self._opened: dict[int, int] = {}  # spans opened so far per trace: tells apart spans of one ms
+        self._opened: dict[int, int] = {}  # per trace, the last span id's input: tells apart spans of one ms
 
     def trace_id(self, request_id: str, ts_ns: int) -> int:
         line = self.line
@@ -94,9 +94,16 @@ class ReplayIds:
             return request_span_id(trace_id, line.request_id if line is not None else request_id, ts_ns)
         if line is not None and line.span_id and name == self.preset:
             return line.span_id
-        n = self._opened.get(trace_id, 0) + 1
-        self._opened[trace_id] = n
-        return _mix64((trace_id ^ (trace_id >> 64)) + n * _GOLDEN)
+        # The n-th span opened in the trace: splitmix64's finaliser of (folded trace id + n * golden
+        # ratio), which gives distinct inputs distinct, well spread 64-bit ids (cheaper than a hash).
+        x = self._opened.get(trace_id)
+        if x is None:
+            x = (trace_id ^ (trace_id >> 64)) & _M64
+        x = (x + _GOLDEN) & _M64
+        self._opened[trace_id] = x
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+        return (x ^ (x >> 31)) or 1
 
     def forget(self, trace_id: int) -> None:
         self._opened.pop(trace_id, None)
@@ -119,7 +126,8 @@ class Replayer:
         self.asm = Assembler(lambda ctx, trace_id: True, False, max_in_flight + 1, self.ttl_ns, self.ids, mirror=False)
         self._keys: dict[str, str] = {}  # a base id -> the key of the in-flight request that began under a choice id
         self._base_seen: dict[str, str] = {}  # such a key -> its base id, once a line used it
-        self._recent: dict[str, str] = {}  # ids of recently ended requests -> their key
+        # ids of recently ended requests -> their key (ordered: the oldest is dropped, see Assembler._finished)
+        self._recent: OrderedDict[str, str] = OrderedDict()
         self._pinned: set[str] = set()  # requests whose trace id came from a line
         self._held: dict[int, list[SpanState]] = {}  # finished spans by trace id, until their request ends
         self._fed = 0
@@ -146,43 +154,58 @@ class Replayer:
             return base
         return self._recent.get(rid) or self._recent.get(base) or rid
 
-    def feed(self, line: TraceLine) -> None:
-        """One line; lines should come in timestamp order (a little disorder is an anomaly, not a failure)."""
+    def feed(self, lines: Iterable[TraceLine]) -> None:
+        """Lines in timestamp order (a little disorder is an anomaly, not a failure).  A list at a
+        time: what every line needs is looked up once per list, not once per line."""
         asm = self.asm
         requests = asm.requests
-        ts_ms, rid, event, user, trace_id, span_id = line
-        key = rid if rid in requests else self._key(rid)
-        ts = ts_ms * 1_000_000 + _HALF_MS  # the middle of its millisecond: within 0.5 ms of the event
-        req = requests.get(key)
-        if req is None:
-            if len(requests) >= self.max_in_flight:
-                self.end(next(iter(requests)))
-            base = base_request_id(key)
-            if base != key:
-                self._keys[base] = key
-        elif trace_id and req.trace_id != trace_id and key not in self._pinned:
-            self._adopt(key, trace_id)
+        event_record = asm.event
+        spans = asm.spans
         ids = self.ids
-        ids.line = line
-        if span_id:
-            ids.preset = _target(event, req.open if req is not None else {})
+        pinned = self._pinned
+        last_ns = self.last_ns
+        fed, next_sweep = self._fed, self._next_sweep
+        for line in lines:
+            ts_ms, rid, event, user, trace_id, span_id = line
+            req = requests.get(rid)
             if req is not None:
-                self._pin_span(key, ids.preset, span_id)
-        asm.handle((EVENT, ts, event, key, user, None, _NO_THREAD, None, "", 0))  # type: ignore[arg-type]
-        if trace_id:
-            self._pinned.add(key)
-        if ts > self.last_ns:
-            self.last_ns = ts
-        if event is _END:
-            trace_id = requests[key].trace_id
-            asm.handle((FINISH, ts, None, key, None, None, _NO_THREAD, None, "", 0))  # type: ignore[arg-type]
-            self._ended(key, trace_id)
-        elif asm.spans:
-            self._hold(asm.take()[0])
-        self._fed += 1
-        if self._fed >= self._next_sweep:
-            self._next_sweep = self._fed + max(4096, len(requests))
-            self.sweep(self.last_ns)
+                key = rid
+            else:
+                key = self._key(rid)
+                req = requests.get(key)
+            ts = ts_ms * 1_000_000 + _HALF_MS  # the middle of its millisecond: within 0.5 ms of the event
+            if req is None:
+                if len(requests) >= self.max_in_flight:
+                    self.end(next(iter(requests)))
+                base = base_request_id(key)
+                if base != key:
+                    self._keys[base] = key
+            elif trace_id and req.trace_id != trace_id and key not in pinned:
+                self._adopt(key, trace_id)
+            ids.line = line
+            if span_id:
+                ids.preset = _target(event, req.open if req is not None else {})
+                if req is not None:
+                    self._pin_span(key, ids.preset, span_id)
+            event_record((EVENT, ts, event, key, user, None, _NO_THREAD, None, "", 0))  # type: ignore[arg-type]
+            if trace_id:
+                pinned.add(key)
+            if ts > last_ns:
+                last_ns = ts
+            if event is _END:
+                trace_id = requests[key].trace_id
+                asm.handle((FINISH, ts, None, key, None, None, _NO_THREAD, None, "", 0))  # type: ignore[arg-type]
+                self._ended(key, trace_id)
+            elif spans:  # a span closed: held until its request ends
+                self._hold(spans)
+                spans.clear()
+            fed += 1
+            if fed >= next_sweep:
+                next_sweep = fed + max(4096, len(requests))
+                self.last_ns = last_ns
+                self.sweep(last_ns)
+        self.last_ns = last_ns
+        self._fed, self._next_sweep = fed, next_sweep
 
     def _pin_span(self, key: str, name: str, span_id: int) -> None:
         """A line names the id of an open span that was opened with a derived one (implicitly, by an
@@ -227,7 +250,9 @@ class Replayer:
 
     def _ended(self, key: str, trace_id: int) -> None:
         """The request `key` has left the assembler: hand its spans on."""
-        self._hold(self.asm.take()[0])
+        spans = self.asm.spans
+        self._hold(spans)
+        spans.clear()
         out = self._held.pop(trace_id, None)
         base = self._base_seen.pop(key, None)
         if out:
@@ -246,7 +271,7 @@ class Replayer:
         if base != key:
             self._recent[base] = key
         while len(self._recent) > _RECENT:
-            del self._recent[next(iter(self._recent))]
+            self._recent.popitem(last=False)
 
     def end(self, key: str) -> None:
         """End the in-flight request `key` as incomplete."""

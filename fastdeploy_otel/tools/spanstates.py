@@ -20,14 +20,19 @@ from .spans import STATUS_ERROR, Span
 __all__ = ["JsonLinesWriter", "encode_request", "to_span"]
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+# A str as a JSON string literal, what _dumps does for a str, without its Python-level dispatch.
+_string = json.encoder.encode_basestring
 _SPAN_KIND_INTERNAL = 1
+# Entries kept: the pairs that recur (stage, replayed) are re-encoded after a clear at no real cost, and a
+# request's own (its id) stop recurring when it ends; at 50,000 the cache was a quarter of a replay's RSS.
+_CACHE_MAX = 4096
 
 
 def _any_value(v: Any) -> str:
     """One OTLP/JSON AnyValue."""
     t = type(v)
     if t is str:
-        return '{"stringValue":' + _dumps(v) + "}"
+        return '{"stringValue":' + _string(v) + "}"
     if t is bool:
         return '{"boolValue":true}' if v else '{"boolValue":false}'
     if t is int:
@@ -38,55 +43,57 @@ def _any_value(v: Any) -> str:
         return '{"doubleValue":"' + ("NaN" if math.isnan(v) else "Infinity" if v > 0 else "-Infinity") + '"}'
     if isinstance(v, (list, tuple)):
         return '{"arrayValue":{"values":[' + ",".join(_any_value(x) for x in v) + "]}}"
-    return '{"stringValue":' + _dumps(text(v)) + "}"
+    return '{"stringValue":' + _string(text(v)) + "}"
 
 
+# The same few (key, string) pairs recur on every span of a request and every request, and the
+# same few dozen span and event names on every span: each is encoded once.
 _kv_cache: dict[tuple[str, object], str] = {}
+_names: dict[str, str] = {}
 
 
 def _attributes(attrs: Mapping[str, Any]) -> str:
-    # The same few (key, string) pairs recur on every span of a request and every request: encode once.
     cache = _kv_cache
     out = []
     for item in attrs.items():
-        v = item[1]
-        if type(v) is str or type(v) is bool:
+        t = type(item[1])
+        if t is str or t is bool:
             kv = cache.get(item)
             if kv is None:
-                if len(cache) > 50_000:
+                if len(cache) > _CACHE_MAX:
                     cache.clear()
-                kv = cache[item] = '{"key":' + _dumps(item[0]) + ',"value":' + _any_value(v) + "}"
+                kv = cache[item] = '{"key":' + _string(item[0]) + ',"value":' + _any_value(item[1]) + "}"
         else:
-            kv = '{"key":' + _dumps(item[0]) + ',"value":' + _any_value(v) + "}"
+            kv = '{"key":' + _string(item[0]) + ',"value":' + _any_value(item[1]) + "}"
         out.append(kv)
     return ",".join(out)
 
 
-def _span(s: SpanState) -> str:
-    parts = [
-        f'{{"traceId":"{s.trace_id:032x}","spanId":"{s.span_id:016x}"',
-        f',"parentSpanId":"{s.parent_id:016x}"' if s.parent_id else "",
-        ',"name":',
-        _dumps(s.name),
-        f',"kind":{_SPAN_KIND_INTERNAL},"startTimeUnixNano":"{s.start_ns}","endTimeUnixNano":"{s.end_ns}"',
-        ',"attributes":[',
-        _attributes(s.attributes),
-        "]",
-    ]
+def _name(name: str) -> str:
+    encoded = _names.get(name)
+    if encoded is None:
+        if len(_names) > _CACHE_MAX:
+            _names.clear()
+        encoded = _names[name] = _string(name)
+    return encoded
+
+
+def _event(name: str, ts: int, attrs: Mapping[str, Any]) -> str:
+    return f'{{"timeUnixNano":"{ts}","name":{_name(name)},"attributes":[{_attributes(attrs) if attrs else ""}]}}'
+
+
+def _span(s: SpanState, trace_id: str) -> str:
+    """One span; `trace_id`: its trace id as 32 hex digits (shared by the spans of a request)."""
+    parent = f',"parentSpanId":"{s.parent_id:016x}"' if s.parent_id else ""
+    events = ""
     if s.events:
-        parts.append(',"events":[')
-        parts.append(
-            ",".join(
-                f'{{"timeUnixNano":"{ts}","name":{_dumps(name)},"attributes":[{_attributes(attrs)}]}}'
-                for name, ts, attrs in s.events
-            )
-        )
-        parts.append("]")
-    if s.error:
-        parts.append(f',"status":{{"code":{STATUS_ERROR},"message":{_dumps(s.error)}}}}}')
-    else:
-        parts.append(',"status":{}}')
-    return "".join(parts)
+        events = ',"events":[' + ",".join([_event(name, ts, attrs) for name, ts, attrs in s.events]) + "]"
+    status = f'{{"code":{STATUS_ERROR},"message":{_string(s.error)}}}' if s.error else "{}"
+    return (
+        f'{{"traceId":"{trace_id}","spanId":"{s.span_id:016x}"{parent},"name":{_name(s.name)},'
+        f'"kind":{_SPAN_KIND_INTERNAL},"startTimeUnixNano":"{s.start_ns}","endTimeUnixNano":"{s.end_ns}",'
+        f'"attributes":[{_attributes(s.attributes)}]{events},"status":{status}}}'
+    )
 
 
 def encode_request(spans: Iterable[SpanState], resource: Mapping[str, Any], scope: tuple[str, str]) -> str:
@@ -95,12 +102,18 @@ def encode_request(spans: Iterable[SpanState], resource: Mapping[str, Any], scop
         '{"resourceSpans":[{"resource":{"attributes":['
         + _attributes(resource)
         + ']},"scopeSpans":[{"scope":{"name":'
-        + _dumps(scope[0])
+        + _string(scope[0])
         + ',"version":'
-        + _dumps(scope[1])
+        + _string(scope[1])
         + '},"spans":['
     )
-    return head + ",".join(_span(s) for s in spans) + "]}]}]}"
+    out = []
+    last, hex_id = -1, ""
+    for s in spans:
+        if s.trace_id != last:  # spans come a request at a time
+            last, hex_id = s.trace_id, f"{s.trace_id:032x}"
+        out.append(_span(s, hex_id))
+    return head + ",".join(out) + "]}]}]}"
 
 
 class JsonLinesWriter:
