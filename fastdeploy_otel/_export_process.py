@@ -228,15 +228,19 @@ class ProcessChannel(SpanProcessor):
             self._lock.release()
 
     def _pump(self) -> None:
-        self._read_replies()
-        self._check_child()
-        if self._proc is None and not self._closing and time.monotonic() >= self._next_start:
+        # Every syscall here lets go of the GIL and costs the serving threads a hand-off to get it
+        # back: the child is looked at (answers read, liveness) once a second; a write that fails
+        # with EPIPE says sooner that it has gone.
+        now = time.monotonic()
+        if self._proc is not None and now - self._status_asked > _STATUS_EVERY_S:
+            self._read_replies()
+            self._check_child()
+            if self._proc is not None and self._acked == self._seq:
+                self._status_asked = now
+                self._send_control("status")
+        if self._proc is None and not self._closing and now >= self._next_start:
             self._start()
         self._frame_pending()
-        now = time.monotonic()
-        if self._proc is not None and self._acked == self._seq and now - self._status_asked > _STATUS_EVERY_S:
-            self._status_asked = now
-            self._send_control("status")
         self._write()
 
     def _frame_pending(self) -> None:
