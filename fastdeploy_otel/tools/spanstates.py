@@ -98,6 +98,15 @@ def _span(s: SpanState, trace_id: str) -> str:
 
 def encode_request(spans: Iterable[SpanState], resource: Mapping[str, Any], scope: tuple[str, str]) -> str:
     """One OTLP/JSON ExportTraceServiceRequest (one line, no newline) holding `spans`."""
+    return _encode(spans, resource, scope, _TAIL)
+
+
+_TAIL = "]}]}]}"
+
+
+def _encode(spans: Iterable[SpanState], resource: Mapping[str, Any], scope: tuple[str, str], tail: str) -> str:
+    """encode_request's text followed by `tail`, made by one join: a line of 512 spans is a few hundred
+    KB, and each ``+`` on it (head, tail, newline) copied all of it again."""
     head = (
         '{"resourceSpans":[{"resource":{"attributes":['
         + _attributes(resource)
@@ -113,7 +122,11 @@ def encode_request(spans: Iterable[SpanState], resource: Mapping[str, Any], scop
         if s.trace_id != last:  # spans come a request at a time
             last, hex_id = s.trace_id, f"{s.trace_id:032x}"
         out.append(_span(s, hex_id))
-    return head + ",".join(out) + "]}]}]}"
+    if not out:
+        return head + tail
+    out[0] = head + out[0]  # the head and the tail join the first and last spans: no comma between
+    out[-1] += tail
+    return ",".join(out)
 
 
 class JsonLinesWriter:
@@ -135,7 +148,7 @@ class JsonLinesWriter:
     def flush(self, sync: bool = True) -> None:
         """Write what is pending as one line; `sync`: and push it to the file (follow mode)."""
         if self._pending:
-            self._out.write(encode_request(self._pending, self._resource, self._scope) + "\n")
+            self._out.write(_encode(self._pending, self._resource, self._scope, _TAIL + "\n"))
             self.written += len(self._pending)
             self._pending = []
         if sync:
