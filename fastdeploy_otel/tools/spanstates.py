@@ -78,19 +78,26 @@ def _name(name: str) -> str:
     return encoded
 
 
-def _event(name: str, ts: int, attrs: Mapping[str, Any]) -> str:
-    return f'{{"timeUnixNano":"{ts}","name":{_name(name)},"attributes":[{_attributes(attrs) if attrs else ""}]}}'
-
-
 def _span(s: SpanState, trace_id: str) -> str:
     """One span; `trace_id`: its trace id as 32 hex digits (shared by the spans of a request)."""
+    names = _names  # a name is looked up inline; _name only on a miss (its result is never empty)
     parent = f',"parentSpanId":"{s.parent_id:016x}"' if s.parent_id else ""
     events = ""
     if s.events:
-        events = ',"events":[' + ",".join([_event(name, ts, attrs) for name, ts, attrs in s.events]) + "]"
+        events = (
+            ',"events":['
+            + ",".join(
+                [
+                    f'{{"timeUnixNano":"{ts}","name":{names.get(name) or _name(name)},'
+                    f'"attributes":[{_attributes(attrs) if attrs else ""}]}}'
+                    for name, ts, attrs in s.events
+                ]
+            )
+            + "]"
+        )
     status = f'{{"code":{STATUS_ERROR},"message":{_string(s.error)}}}' if s.error else "{}"
     return (
-        f'{{"traceId":"{trace_id}","spanId":"{s.span_id:016x}"{parent},"name":{_name(s.name)},'
+        f'{{"traceId":"{trace_id}","spanId":"{s.span_id:016x}"{parent},"name":{names.get(s.name) or _name(s.name)},'
         f'"kind":{_SPAN_KIND_INTERNAL},"startTimeUnixNano":"{s.start_ns}","endTimeUnixNano":"{s.end_ns}",'
         f'"attributes":[{_attributes(s.attributes)}]{events},"status":{status}}}'
     )
