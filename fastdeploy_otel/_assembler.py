@@ -340,7 +340,13 @@ class Assembler:
     def event(self, rec: Record) -> None:
         """An EVENT record: what handle() does with one, without its dispatch (a replay's hot path)."""
         _, ts, event, rid, user, kwargs, _, ctx, _, _ = rec
-        req = self._request(rid, ts, user, ctx, event in _OPENING)
+        req = self.requests.get(rid)
+        if req is None:
+            req = self._request(rid, ts, user, ctx, event in _OPENING)
+        else:  # what _request does for a request in flight, without the call
+            req.last_ns = ts
+            if user is not None and req.user is None:
+                req.user = user
         step = PLAN[event]
         if kwargs:
             request_attrs, attrs = A.split_keywords(kwargs, self._capture_content)

@@ -78,19 +78,26 @@ def _name(name: str) -> str:
     return encoded
 
 
-def _event(name: str, ts: int, attrs: Mapping[str, Any]) -> str:
-    return f'{{"timeUnixNano":"{ts}","name":{_name(name)},"attributes":[{_attributes(attrs) if attrs else ""}]}}'
-
-
 def _span(s: SpanState, trace_id: str) -> str:
     """One span; `trace_id`: its trace id as 32 hex digits (shared by the spans of a request)."""
+    names = _names  # a name is looked up inline; _name only on a miss (its result is never empty)
     parent = f',"parentSpanId":"{s.parent_id:016x}"' if s.parent_id else ""
     events = ""
     if s.events:
-        events = ',"events":[' + ",".join([_event(name, ts, attrs) for name, ts, attrs in s.events]) + "]"
+        events = (
+            ',"events":['
+            + ",".join(
+                [
+                    f'{{"timeUnixNano":"{ts}","name":{names.get(name) or _name(name)},'
+                    f'"attributes":[{_attributes(attrs) if attrs else ""}]}}'
+                    for name, ts, attrs in s.events
+                ]
+            )
+            + "]"
+        )
     status = f'{{"code":{STATUS_ERROR},"message":{_string(s.error)}}}' if s.error else "{}"
     return (
-        f'{{"traceId":"{trace_id}","spanId":"{s.span_id:016x}"{parent},"name":{_name(s.name)},'
+        f'{{"traceId":"{trace_id}","spanId":"{s.span_id:016x}"{parent},"name":{names.get(s.name) or _name(s.name)},'
         f'"kind":{_SPAN_KIND_INTERNAL},"startTimeUnixNano":"{s.start_ns}","endTimeUnixNano":"{s.end_ns}",'
         f'"attributes":[{_attributes(s.attributes)}]{events},"status":{status}}}'
     )
@@ -98,6 +105,15 @@ def _span(s: SpanState, trace_id: str) -> str:
 
 def encode_request(spans: Iterable[SpanState], resource: Mapping[str, Any], scope: tuple[str, str]) -> str:
     """One OTLP/JSON ExportTraceServiceRequest (one line, no newline) holding `spans`."""
+    return _encode(spans, resource, scope, _TAIL)
+
+
+_TAIL = "]}]}]}"
+
+
+def _encode(spans: Iterable[SpanState], resource: Mapping[str, Any], scope: tuple[str, str], tail: str) -> str:
+    """encode_request's text followed by `tail`, made by one join: a line of 512 spans is a few hundred
+    KB, and each ``+`` on it (head, tail, newline) copied all of it again."""
     head = (
         '{"resourceSpans":[{"resource":{"attributes":['
         + _attributes(resource)
@@ -113,7 +129,11 @@ def encode_request(spans: Iterable[SpanState], resource: Mapping[str, Any], scop
         if s.trace_id != last:  # spans come a request at a time
             last, hex_id = s.trace_id, f"{s.trace_id:032x}"
         out.append(_span(s, hex_id))
-    return head + ",".join(out) + "]}]}]}"
+    if not out:
+        return head + tail
+    out[0] = head + out[0]  # the head and the tail join the first and last spans: no comma between
+    out[-1] += tail
+    return ",".join(out)
 
 
 class JsonLinesWriter:
@@ -135,7 +155,7 @@ class JsonLinesWriter:
     def flush(self, sync: bool = True) -> None:
         """Write what is pending as one line; `sync`: and push it to the file (follow mode)."""
         if self._pending:
-            self._out.write(encode_request(self._pending, self._resource, self._scope) + "\n")
+            self._out.write(_encode(self._pending, self._resource, self._scope, _TAIL + "\n"))
             self.written += len(self._pending)
             self._pending = []
         if sync:
