@@ -288,6 +288,10 @@ def test_line_formats_parse_to_the_same_values():
     assert parse(ii.replace("b3a91f27c4d05e6a", "unknown").replace("0000000000000000unknown", "unknown")).trace_id == 0
     assert parse(ii[:-20]) is None and parse("") is None
     assert [base_request_id(r) for r in ("x_0", "x::n::3", "x", "_1", "a_b")] == ["x", "x", "x", "_1", "a_b"]
+    # a mirror line whose span id is wider than 64 bits is damaged there: no span id, never an invalid one
+    wide = ii.replace(" \n", " [span_id=" + "ab" * 16 + "] \n").replace("[thread_name=Thread-4 (_insert", "[thread_name=T\\x5d (_insert")
+    parsed = parse(wide)
+    assert parsed is not None and parsed.span_id == 0 and parsed.trace_id == 0xB3A91F27C4D05E6A
 
 
 def test_a_list_of_lines_parses_as_each_line_does():

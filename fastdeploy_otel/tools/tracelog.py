@@ -73,11 +73,12 @@ def _fields(text: str) -> dict[str, str] | None:
     return out
 
 
-def _hex(value: str | None) -> int:
+def _hex(value: str | None, digits: int = 32) -> int:
+    """A hex id of at most `digits` digits (32: a trace id, 16: a span id); 0 when absent or wider."""
     if not value or value == "unknown":
         return 0
     try:
-        return int(value, 16) if len(value) <= 32 else 0
+        return int(value, 16) if len(value) <= digits else 0
     except ValueError:
         return 0
 
@@ -165,7 +166,7 @@ def parse(text: str) -> TraceLine | None:
         return None
     if event is None or not rid or ts <= 0:
         return None
-    span_id = _hex(f.get("span_id"))
+    span_id = _hex(f.get("span_id"), 16)  # a wider one is damage: the span gets a derived id
     user = f.get("user_id")
     if span_id and "\\" in text:  # the mirror escapes its values; FastDeploy does not
         rid = unescape(rid)
