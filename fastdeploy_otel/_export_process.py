@@ -156,6 +156,7 @@ class ProcessChannel(SpanProcessor):
         self._replies = bytearray()
         self._seq = 0
         self._acked = 0
+        self._unfinished = 0  # the last flush request the child answered as not finished
         self._status_asked = 0.0
         self._restarts = 0
         self._next_start = 0.0
@@ -321,8 +322,10 @@ class ProcessChannel(SpanProcessor):
             if len(buf) < 4 + size:
                 break
             try:
-                _, seq, counters, logs = pickle.loads(bytes(buf[4 : 4 + size]))
+                _, seq, counters, logs, done = pickle.loads(bytes(buf[4 : 4 + size]))
                 self._acked = max(self._acked, seq)
+                if not done:  # a flush the child could not finish in time
+                    self._unfinished = seq
                 self._child.update({k: int(counters.get(k, 0)) for k in _COUNTERS})
                 for level, message in logs:  # the child's own log lines, said here where the app looks
                     logger.log(level, message.replace("%", "%%"))
@@ -469,7 +472,7 @@ class ProcessChannel(SpanProcessor):
             if self._proc is None:
                 return not self._pending and not self._outbox
             seq = self._send_control("flush", max(0.0, deadline - time.monotonic() - _REPLY_MARGIN_S))
-            return self._wait_for(seq, deadline)
+            return self._wait_for(seq, deadline) and self._unfinished != seq
 
     def shutdown(self, timeout_millis: int = 5000) -> None:
         self.begin_shutdown()
@@ -648,7 +651,7 @@ def serve(stream: Any, reply_fd: int) -> int:
     channel: ExportChannel = ExportChannel(exporter, target, **{**options, **prepare.channel_options})
     received = 0
 
-    def reply(seq: int) -> None:
+    def reply(seq: int, done: bool = True) -> None:
         counters = {
             "received": received,
             "exported": channel.exported,
@@ -658,7 +661,7 @@ def serve(stream: Any, reply_fd: int) -> int:
             "truncated": channel.truncated + getattr(prepare, "truncated", 0),
         }
         try:
-            os.write(reply_fd, _frame(("ack", seq, counters, forward.take())))
+            os.write(reply_fd, _frame(("ack", seq, counters, forward.take(), done)))
         except OSError:  # the parent has gone: what was sent is still exported, at EOF below
             pass
 
@@ -678,8 +681,7 @@ def serve(stream: Any, reply_fd: int) -> int:
                     logger.warning("a span could not be rebuilt for export; dropped (counted)", exc_info=True)
                 received += 1
         elif kind == "flush":
-            channel.force_flush(int(message[2] * 1000))
-            reply(message[1])
+            reply(message[1], channel.force_flush(int(message[2] * 1000)))
         elif kind == "status":
             reply(message[1])
         elif kind == "close":

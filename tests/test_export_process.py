@@ -176,3 +176,22 @@ def test_a_span_that_cannot_be_pickled_is_dropped_alone_and_counted(traced, rece
     ids = {s.attributes.get("fastdeploy.request_id") for s in receiver.store.wait_for(lambda s: len(s) >= 20)}
     assert {"fine-1", "fine-2"} <= ids
     assert any("cannot be sent to the export process" in r.getMessage() for r in caplog.records)
+
+
+def test_a_flush_the_child_cannot_finish_in_time_returns_false(tmp_path):
+    """The child's own flush result travels back: a hung collector makes flush() say False."""
+    from tests.support.receiver import BlackHole
+
+    hole = BlackHole()
+    try:
+        fdt.configure(env={}, mode="all", log_dir=str(tmp_path / "log"), endpoint=hole.endpoint)
+        assert fdt.flush(timeout=10) is True  # nothing queued: the child is up and answers at once
+        for i in range(5):
+            replay(f"hung-{i}")
+        t0 = time.monotonic()
+        assert fdt.flush(timeout=0.5) is False
+        assert time.monotonic() - t0 < 1.0
+        st = fdt.shutdown(timeout=1.0)
+    finally:
+        hole.close()
+    assert accounted(st) == st["spans_built"] == 5 * SPANS_PER_MIXED
