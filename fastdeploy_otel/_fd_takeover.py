@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from itertools import islice
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -113,7 +114,10 @@ def reset() -> None:
 
 def _remember(table: dict, key: Any, value: Any) -> None:
     if len(table) >= _MAX_TRACKED:
-        table.pop(next(iter(table)), None)
+        # The oldest tenth at once: a dict finds its oldest key by scanning the holes that earlier
+        # deletions left, which one by one cost about 25 µs an insert once a table was full.
+        for old in list(islice(table, _MAX_TRACKED // 10)):
+            del table[old]
     table[key] = value
 
 

@@ -146,3 +146,15 @@ def test_each_of_n_choices_hands_its_postprocessing_back_and_is_finished_in_the_
     assert fdt.stats()["requests_in_flight"] == 0  # both choices finished here, none left to the TTL
     assert {s.name for s in spans.get_finished_spans()} >= {"PREFILL", "DECODE"}
     assert "POSTPROCESSING" not in {s.name for s in spans.get_finished_spans()}  # the API server ends it
+
+
+def test_tracking_tables_stay_bounded_and_keep_the_newest():
+    from fastdeploy_otel._fd_takeover import _MAX_TRACKED, _remember
+
+    table: dict = {}
+    for i in range(2 * _MAX_TRACKED + 7):
+        _remember(table, f"req-{i}", i)
+    assert len(table) <= _MAX_TRACKED
+    newest = 2 * _MAX_TRACKED + 6
+    assert table[f"req-{newest}"] == newest and "req-0" not in table
+    assert min(table.values()) > newest - _MAX_TRACKED  # only the oldest were forgotten
