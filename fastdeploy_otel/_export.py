@@ -18,7 +18,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk import trace as sdk_trace
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import Event, ReadableSpan, SpanLimits, TracerProvider
+from opentelemetry.sdk.trace import SpanLimits, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.id_generator import IdGenerator
 from opentelemetry.sdk.trace.sampling import (
@@ -34,10 +34,10 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status,
 
 from ._channel import THREAD_PREFIX as _THREAD_PREFIX
 from ._channel import ExportChannel, run_with_deadline
-from ._export_process import wire_of_state
-from ._limits import Limits, limit_attributes
+from ._limits import Limits
 from ._records import SpanState
 from ._selflog import get_logger
+from ._wire import Rebuilder, wire_of_state
 from .config import DEFAULT_SERVICE_NAME, Settings
 from .version import __version__
 
@@ -45,7 +45,6 @@ logger = get_logger(__name__)
 
 SCOPE = "fastdeploy_otel"
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
-_UNSET = Status(StatusCode.UNSET)
 # FastDeploy's and SGLang's export cadence (FD_OTLP_EXPORTER_SCHEDULE_DELAY_MILLIS / _MAX_EXPORT_BATCH_SIZE):
 # small, frequent batches keep each encoding burst short, which matters in a GIL-bound engine.
 # OTEL_BSP_* variables override them.
@@ -119,7 +118,6 @@ def make_exporter(settings: Settings) -> tuple[SpanExporter, str]:
             with open(settings.certificate, "rb") as f:
                 kwargs["credentials"] = grpc.ssl_channel_credentials(f.read())
         exporter: SpanExporter = OTLPSpanExporter(**kwargs)
-        target = settings.endpoint or "localhost:4317"
     else:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 
@@ -128,8 +126,12 @@ def make_exporter(settings: Settings) -> tuple[SpanExporter, str]:
         if settings.certificate:
             kwargs["certificate_file"] = settings.certificate
         exporter = HttpExporter(**kwargs)
-        target = kwargs.get("endpoint", "http://localhost:4318/v1/traces")
-    return exporter, target
+    return exporter, export_target(settings)
+
+
+def export_target(settings: Settings) -> str:
+    """Where the OTLP exporter sends, for log lines: the endpoint, or its default."""
+    return settings.endpoint or ("localhost:4317" if settings.protocol == "grpc" else "http://localhost:4318/v1/traces")
 
 
 def make_sampler(settings: Settings) -> Sampler:
@@ -202,8 +204,7 @@ class OtelSink:
             if settings.exporter == "otlp" and settings.export_process:
                 from ._export_process import ProcessChannel
 
-                target = settings.endpoint or ("localhost:4317" if settings.protocol == "grpc" else "localhost:4318")
-                self.process = ProcessChannel(settings, self.provider.resource, options, target)
+                self.process = ProcessChannel(settings, self.provider.resource, options, export_target(settings))
                 self.channels.append(self.process)
             elif settings.exporter != "none":
                 exporter, target = make_exporter(settings)
@@ -218,6 +219,8 @@ class OtelSink:
             self.provider.add_span_processor(channel)
         self._scope = InstrumentationScope(SCOPE, __version__)
         self._scope_key = (SCOPE, __version__)
+        self._rebuild = Rebuilder(self.provider.resource, self.limits)
+        self._span_channels = [c for c in self.channels if c is not self.process]  # those taking ReadableSpans
         self._ids = _PresetIds()
         self.tracer = self._preset_tracer()
         self.sampler = self.provider.sampler
@@ -284,32 +287,12 @@ class OtelSink:
         self.built += 1
 
     def _hand_over(self, s: SpanState) -> None:
-        process = self.process
-        if process is not None:  # as it is: the export process applies the limits
-            process.offer(wire_of_state(s, self._scope_key))
-            if len(self.channels) == 1:
-                return
-        lim = self.limits
-        events = s.events if len(s.events) <= lim.events else s.events[: lim.events]
-        span = ReadableSpan(
-            s.name,
-            SpanContext(s.trace_id, s.span_id, is_remote=False, trace_flags=_SAMPLED),
-            SpanContext(s.trace_id, s.parent_id, is_remote=s.parent_remote, trace_flags=_SAMPLED)
-            if s.parent_id
-            else None,
-            self.provider.resource,
-            limit_attributes(s.attributes, lim.attributes, lim.value_length),
-            [
-                Event(name, limit_attributes(attrs, lim.event_attributes, lim.value_length), ts)
-                for name, ts, attrs in events
-            ],
-            status=Status(StatusCode.ERROR, s.error) if s.error else _UNSET,
-            start_time=s.start_ns,
-            end_time=s.end_ns,
-            instrumentation_scope=self._scope,
-        )
-        for channel in self.channels:
-            if channel is not process:
+        w = wire_of_state(s, self._scope_key)
+        if self.process is not None:  # as it is: the export process applies the limits
+            self.process.offer(w)
+        if self._span_channels:
+            span = self._rebuild(w)
+            for channel in self._span_channels:
                 channel.on_end(span)
 
     def pump(self) -> None:

@@ -31,18 +31,16 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExportResult
-from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
-from ._limits import Limits, limit_attributes, shrink_parts
+from ._limits import Limits, shrink_parts
 from ._otlp_proto import EncodedBatch, EncodedSpan, Encoder, install
-from ._records import SpanState
 from ._selflog import get_logger
+from ._wire import Rebuilder, WireSpan, wire_of_span, within_limits
 
 logger = get_logger(__name__)
 
@@ -54,62 +52,8 @@ _STATUS_EVERY_S = 1.0  # how often the child's counters are asked for (stats() f
 _BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)  # between restarts of a child that keeps dying
 _MAX_HELD_LOGS = 100
 _REPLY_MARGIN_S = 0.25  # the child stops this long before the parent's deadline, so its last counters arrive
-_COUNTERS = ("received", "exported", "failed", "dropped", "lost", "truncated")
-_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
-_INTERNAL = SpanKind.INTERNAL.value
-_KINDS = {k.value: k for k in SpanKind}
-_STATUS_CODES = {c.value: c for c in StatusCode}
-_UNSET = Status(StatusCode.UNSET)
-
-
-class WireSpan(NamedTuple):
-    """A finished span as it crosses the pipe: plain values only, so that pickling stays in C."""
-
-    name: str
-    trace_id: int
-    span_id: int
-    parent_id: int  # 0: a root span
-    parent_remote: bool
-    kind: int  # SpanKind value
-    start_ns: int
-    end_ns: int
-    attributes: Mapping[str, Any]
-    events: Sequence[tuple[str, int, Mapping[str, Any]]]
-    links: Sequence[tuple[int, int, Mapping[str, Any]]]
-    status: int  # StatusCode value
-    description: str | None
-    scope: tuple[str, str | None]
-    trace_state: str = ""  # the W3C tracestate an SDK span carries (a caller's, on the HTTP span)
-
-
-def wire_of_state(s: SpanState, scope: tuple[str, str | None]) -> WireSpan:
-    """One of our assembled spans, as it is: the child applies the span limits."""
-    return WireSpan(
-        s.name, s.trace_id, s.span_id, s.parent_id, s.parent_remote, _INTERNAL, s.start_ns, s.end_ns,
-        s.attributes, s.events, (), 2 if s.error else 0, s.error, scope,
-    )  # fmt: skip
-
-
-def wire_of_span(span: ReadableSpan) -> WireSpan:
-    """A span the SDK made (the HTTP server span, or one of ours with an exception recorded)."""
-    ctx, parent, scope = span.context, span.parent, span.instrumentation_scope
-    return WireSpan(
-        span.name,
-        ctx.trace_id if ctx else 0,
-        ctx.span_id if ctx else 0,
-        parent.span_id if parent else 0,
-        bool(parent and parent.is_remote),
-        span.kind.value,
-        span.start_time or 0,
-        span.end_time or 0,
-        dict(span.attributes or {}),
-        [(e.name, e.timestamp, dict(e.attributes or {})) for e in span.events],
-        [(lk.context.trace_id, lk.context.span_id, dict(lk.attributes or {})) for lk in span.links],
-        span.status.status_code.value,
-        span.status.description,
-        (scope.name, scope.version) if scope else ("", None),
-        ctx.trace_state.to_header() if ctx and ctx.trace_state else "",
-    )
+_COUNTERS = ("exported", "failed", "dropped", "lost", "truncated")
+_ENDS = ("exported", "failed", "dropped", "lost")  # where a span the child took ends up
 
 
 class _Frame(NamedTuple):
@@ -161,7 +105,6 @@ class ProcessChannel(SpanProcessor):
         self._restarts = 0
         self._next_start = 0.0
         self._closing = False
-        self.offered = 0
         self._sent_to_child = 0
         self._child: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
         self._base: dict[str, int] = dict.fromkeys(_COUNTERS, 0)  # from children that have exited
@@ -180,7 +123,6 @@ class ProcessChannel(SpanProcessor):
         self.offer(span)
 
     def offer(self, span: WireSpan | ReadableSpan) -> None:
-        self.offered += 1
         if len(self._pending) >= self._max_queue or self._closing:
             self._dropped_here += 1
             logger.warning(
@@ -215,7 +157,8 @@ class ProcessChannel(SpanProcessor):
 
     @property
     def queued(self) -> int:
-        return max(0, self.offered - self.exported - self.failed - self.dropped - self.lost)
+        in_child = self._sent_to_child - sum(self._child[k] for k in _ENDS)
+        return len(self._pending) + sum(f.spans for f in self._outbox) + max(0, in_child)
 
     # ---- the worker's side ----------------------------------------------------------------------------
     def pump(self) -> None:
@@ -409,7 +352,7 @@ class ProcessChannel(SpanProcessor):
         if self._reply_fd >= 0:
             self._drain_replies()  # its last answers, up to EOF
         self._read_replies()
-        held = max(0, self._sent_to_child - sum(self._child[k] for k in _COUNTERS if k != "received"))
+        held = max(0, self._sent_to_child - sum(self._child[k] for k in _ENDS))
         for key in _COUNTERS:
             self._base[key] += self._child[key]
         self._child = dict.fromkeys(_COUNTERS, 0)
@@ -506,51 +449,6 @@ class ProcessChannel(SpanProcessor):
 
 
 # ---- the export process --------------------------------------------------------------------------------
-def _within_limits(w: WireSpan, lim: Limits) -> WireSpan:
-    """`w` with the OTel span limits applied (the unpickled dicts are this process's own)."""
-    events = w.events if len(w.events) <= lim.events else w.events[: lim.events]
-    return w._replace(
-        attributes=limit_attributes(w.attributes, lim.attributes, lim.value_length),  # type: ignore[arg-type]
-        events=[
-            (name, ts, limit_attributes(attrs, lim.event_attributes, lim.value_length))  # type: ignore[arg-type]
-            for name, ts, attrs in events
-        ],
-    )
-
-
-class _Rebuilder:
-    """WireSpans back into ReadableSpans, for the SDK's encoder (``FD_TRACE_EXPORT_ENCODER=sdk``, or
-    an exporter that ``_otlp_proto.install`` does not know)."""
-
-    def __init__(self, resource: Any, limits: Limits) -> None:
-        self.resource = resource
-        self.limits = limits
-        self._scopes: dict[tuple[str, str | None], InstrumentationScope] = {}
-        self.channel_options: dict[str, Any] = {}  # the default: ReadableSpans, sized and shrunk there
-
-    def __call__(self, w: WireSpan) -> ReadableSpan:
-        w = _within_limits(w, self.limits)
-        scope = self._scopes.get(w.scope)
-        if scope is None:
-            scope = self._scopes[w.scope] = InstrumentationScope(*w.scope)
-        trace_id = w.trace_id
-        state = TraceState.from_header([w.trace_state]) if w.trace_state else None
-        return ReadableSpan(
-            w.name,
-            SpanContext(trace_id, w.span_id, False, _SAMPLED, state),
-            SpanContext(trace_id, w.parent_id, w.parent_remote, _SAMPLED) if w.parent_id else None,
-            self.resource,
-            w.attributes,
-            [Event(name, attrs, ts) for name, ts, attrs in w.events],
-            [Link(SpanContext(t, s, True, _SAMPLED), a) for t, s, a in w.links] if w.links else (),
-            _KINDS[w.kind],
-            status=Status(_STATUS_CODES[w.status], w.description) if w.status else _UNSET,
-            start_time=w.start_ns,
-            end_time=w.end_ns,
-            instrumentation_scope=scope,
-        )
-
-
 class _Encoding:
     """WireSpans straight to OTLP protobuf bytes (``_otlp_proto``), one span at a time as they
     arrive; a span over half an export message is shrunk first, as ExportChannel would."""
@@ -565,7 +463,7 @@ class _Encoding:
         self.channel_options = {"export": self.export, "size_of": _encoded_size, "shrink_to": None}
 
     def __call__(self, w: WireSpan) -> EncodedSpan:
-        w = _within_limits(w, self.limits)
+        w = within_limits(w, self.limits)
         encoded = self.encoder.span(w)
         if len(encoded.data) > self.max_span_bytes:
             attributes, events = shrink_parts(w.name, w.attributes, w.events, self.max_span_bytes)
@@ -643,17 +541,15 @@ def serve(stream: Any, reply_fd: int) -> int:
         settings.event_attribute_count_limit,
         settings.attribute_length_limit,
     )
-    prepare: _Rebuilder | _Encoding
+    prepare: Rebuilder | _Encoding
     if settings.export_encoder == "fastdeploy" and install(exporter):
         prepare = _Encoding(exporter, attributes, schema_url, limits, options["max_batch_bytes"])
     else:
-        prepare = _Rebuilder(make_resource_from(attributes, schema_url), limits)
+        prepare = Rebuilder(make_resource_from(attributes, schema_url), limits)
     channel: ExportChannel = ExportChannel(exporter, target, **{**options, **prepare.channel_options})
-    received = 0
 
     def reply(seq: int, done: bool = True) -> None:
         counters = {
-            "received": received,
             "exported": channel.exported,
             "failed": channel.failed,
             "dropped": channel.dropped,
@@ -679,7 +575,6 @@ def serve(stream: Any, reply_fd: int) -> int:
                 except Exception:
                     channel.failed += 1
                     logger.warning("a span could not be rebuilt for export; dropped (counted)", exc_info=True)
-                received += 1
         elif kind == "flush":
             reply(message[1], channel.force_flush(int(message[2] * 1000)))
         elif kind == "status":

@@ -7,7 +7,7 @@ from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from fastdeploy_otel._export import make_resource_from
-from fastdeploy_otel._export_process import WireSpan, _Rebuilder
+from fastdeploy_otel._wire import Rebuilder, WireSpan
 from fastdeploy_otel._limits import Limits
 from fastdeploy_otel._otlp_proto import Encoder
 
@@ -50,7 +50,7 @@ SPANS = [
 def test_requests_parse_to_what_the_sdk_encoder_makes():
     ours = Encoder(RESOURCE, None)
     payload = ours.request([ours.span(w) for w in SPANS])
-    rebuild = _Rebuilder(make_resource_from(RESOURCE, None), Limits())
+    rebuild = Rebuilder(make_resource_from(RESOURCE, None), Limits())
     theirs = encode_spans([rebuild(w) for w in SPANS])
     mine = ExportTraceServiceRequest.FromString(payload)
     assert mine == theirs, (mine, theirs)
