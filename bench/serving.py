@@ -1,10 +1,13 @@
 """Serving benchmark: the example server (``examples/minifd``) under a closed-loop load, tracing
-``all`` (OTLP to a real receiver + the trace.log mirror) vs ``off``.
+``all`` (OTLP to a real receiver + the trace.log mirror) and ``local`` vs ``off``.
 
-N client threads each send ``POST /v1/completions`` back to back until a fixed total count;
-per-request latency is recorded, throughput = completed requests / wall time.  Runs alternate
-(off, all | all, off | ...); each adjacent (off, all) pair gives one all/off ratio and the reported
-ratio is the median over the pairs, so that drift or a disturbance of the machine cancels out.
+One stack per mode, all started at once and kept up, so that the modes take short turns: the
+machine's drift (tens of percent from minute to minute on a shared 2-core box) lands on every mode
+alike.  Each round runs every mode once with the clients free-running (throughput, latency), then
+three turns of bursts in *waves* (clients send together, so every mode's engine sees the same
+batches) for CPU per request, read per process, and per thread in the engine, from /proc.  The order
+of the modes rotates from turn to turn; each turn gives one all/off (and local/off) difference and the
+figures are medians over them.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import re
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -153,53 +158,96 @@ def closed_loop(
     }
 
 
-def _one_run(Stack, mode: str, rx: ReceiverProcess, clients: int, requests: int, warmup: int, max_tokens: int) -> dict[str, Any]:
-    log_dir = tempfile.mkdtemp(prefix=f"bench-serving-{mode}-")
+def thread_cpu_s(pid: int) -> dict[int, float]:
+    """utime + stime of each thread of a process, in seconds, by thread id."""
+    out: dict[int, float] = {}
     try:
-        t0 = time.monotonic()
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def engine_steps(stack: Any) -> int | None:
+    """The engine's model steps so far (SIGUSR1 makes it log them): equal steps per request in two
+    modes mean equal batches, so a CPU difference between them is not one of batching."""
+    path = os.path.join(stack.log_dir, "engine.out")
+    try:
+        before = os.path.getsize(path)
+        os.kill(stack.procs["engine"].pid, signal.SIGUSR1)
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            with open(path, "rb") as f:
+                f.seek(before)
+                m = re.search(rb"step stats: steps=(\d+)", f.read())
+            if m:
+                return int(m.group(1))
+            time.sleep(0.02)
+    except OSError:
+        pass
+    return None
+
+
+class LiveStack:
+    """One mode's stack, started once and kept up: bursts of the modes alternate in short turns, so
+    the machine's drift (tens of percent from minute to minute here) lands on every mode alike."""
+
+    def __init__(self, Stack: Any, mode: str, rx: ReceiverProcess, clients: int, max_tokens: int) -> None:
+        self.mode = mode
+        self.clients, self.max_tokens = clients, max_tokens
+        self.log_dir = tempfile.mkdtemp(prefix=f"bench-serving-{mode}-")
         endpoint = rx.grpc_endpoint if mode != "off" else None
-        with Stack(trace_mode=mode, log_dir=log_dir, otlp_endpoint=endpoint, port=0) as stack:
-            startup = time.monotonic() - t0
-            url = stack.base_url.rstrip("/") + "/v1/completions"
-            model = served_model(stack.base_url)
-            if warmup:
-                closed_loop(url, clients, warmup, max_tokens, model)
-            rx.clear()
-            pids = {role: stack.procs[role].pid for role in ROLES}
-            # The export side-processes' CPU is reported too: moved off the serving process, not free.
-            kids = {role: export_children(pid) for role, pid in pids.items()}
+        t0 = time.monotonic()
+        self.stack = Stack(trace_mode=mode, log_dir=self.log_dir, otlp_endpoint=endpoint, port=0).start()
+        self.startup_s = time.monotonic() - t0
+        self.url = self.stack.base_url.rstrip("/") + "/v1/completions"
+        self.model = served_model(self.stack.base_url)
+        self.pids = {role: self.stack.procs[role].pid for role in ROLES}
+        # The export side-processes' CPU is reported too: moved off the serving process, not free.
+        self.kids = {role: export_children(pid) for role, pid in self.pids.items()}
 
-            def cpu_of(loop: Callable[[], dict[str, Any]], suffix: str) -> dict[str, Any]:
-                """Run `loop`; per-process CPU per request around it (stable where throughput is not)."""
-                before = {role: process_cpu_s(pid) for role, pid in pids.items()}
-                kids_before = {role: sum(process_cpu_s(k) for k in ks) for role, ks in kids.items()}
-                out = loop()
-                done = max(1, out["completed"])
-                for role, pid in pids.items():
-                    out[f"{role}_cpu_ms_per_request{suffix}"] = (process_cpu_s(pid) - before[role]) * 1e3 / done
-                    used = sum(process_cpu_s(k) for k in kids[role]) - kids_before[role]
-                    out[f"{role}_export_process_cpu_ms_per_request{suffix}"] = used * 1e3 / done
-                return out
+    def run(self, requests: int, waves: bool) -> dict[str, Any]:
+        """`requests` completions; throughput, latencies and per-process (and engine per-thread) CPU per request."""
+        pids, kids = self.pids, self.kids
+        before = {role: process_cpu_s(pid) for role, pid in pids.items()}
+        kids_before = {role: sum(process_cpu_s(k) for k in ks) for role, ks in kids.items()}
+        threads_before = thread_cpu_s(pids["engine"])
+        steps_before = engine_steps(self.stack) if waves else None
+        out = closed_loop(self.url, self.clients, requests, self.max_tokens, self.model, waves=waves)
+        done = max(1, out["completed"])
+        for role, pid in pids.items():
+            out[f"{role}_cpu_ms_per_request"] = (process_cpu_s(pid) - before[role]) * 1e3 / done
+            used = sum(process_cpu_s(k) for k in kids[role]) - kids_before[role]
+            out[f"{role}_export_process_cpu_ms_per_request"] = used * 1e3 / done
+        # The model runner is the engine's busiest thread; it runs no tracing code.  What tracing
+        # costs it (GIL, caches) is its difference between modes; the other threads carry tracing.
+        used = thread_cpu_s(pids["engine"])
+        per_thread = sorted((used[t] - threads_before.get(t, 0.0) for t in used), reverse=True)
+        out["engine_model_thread_cpu_ms_per_request"] = (per_thread[0] if per_thread else math.nan) * 1e3 / done
+        out["engine_other_threads_cpu_ms_per_request"] = sum(per_thread[1:]) * 1e3 / done
+        steps_after = engine_steps(self.stack) if waves else None
+        if steps_before is not None and steps_after is not None:
+            out["engine_steps_per_request"] = (steps_after - steps_before) / done
+        return out
 
-            # Throughput and latency with the clients free-running; CPU per request in waves (the same
-            # batches whatever the latency), where the engine's figure is not swamped by batching.
-            run = cpu_of(lambda: closed_loop(url, clients, requests, max_tokens, model), "_free")
-            waves = cpu_of(lambda: closed_loop(url, clients, requests, max_tokens, model, waves=True), "")
-            run.update({k: v for k, v in waves.items() if "cpu_ms" in k})
-            run["errors"] += waves["errors"]
-            run["first_error"] = run["first_error"] or waves["first_error"]
-            if run["errors"]:
-                raise RuntimeError(f"{run['errors']} of {requests} requests failed, e.g. {run['first_error']}")
-        run["startup_s"] = startup
-        run["mode"] = mode
-        if mode != "off":
-            run["spans_received"] = rx.count()  # after the stack shut down (and flushed)
-        run["trace_log_bytes"] = sum(  # each process writes its own trace.log under log_dir/<role>/
-            os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(log_dir) for f in files if f.startswith("trace.log")
-        )
-        return run
-    finally:
-        shutil.rmtree(log_dir, ignore_errors=True)
+    def close(self) -> dict[str, Any]:
+        """Stop the stack (it flushes); what it wrote."""
+        self.stack.stop()
+        out = {
+            "trace_log_bytes": sum(  # each process writes its own trace.log under log_dir/<role>/
+                os.path.getsize(os.path.join(d, f))
+                for d, _, files in os.walk(self.log_dir) for f in files if f.startswith("trace.log")
+            )
+        }
+        shutil.rmtree(self.log_dir, ignore_errors=True)
+        return out
 
 
 def _skipped(reason: str) -> dict[str, Any]:
@@ -240,34 +288,70 @@ def run_serving(
     pairs = pairs or (2 if quick else 4)
     modes = ("off", "all") if quick else ("off", "all", "local")
     warmup = max(clients, requests // 10)
+    # CPU in waves, in bursts of a third of a run: three turns of every mode per throughput round.
+    burst = max(clients, requests // 3 // clients * clients)
     # Rounds of every mode, the order rotating from round to round: a disturbance of the machine lands
     # in one round, not in one mode, and each round gives one all/off (and local/off) comparison.
-    rounds = [modes[i % len(modes):] + modes[: i % len(modes)] for i in range(pairs)]
-    schedule = [m for r in rounds for m in r]
+    def rotations(n: int) -> list[tuple[str, ...]]:
+        return [modes[i % len(modes):] + modes[: i % len(modes)] for i in range(n)]
+
     runs: list[dict[str, Any]] = []
+    bursts: list[dict[str, Any]] = []
+    stacks: dict[str, LiveStack] = {}
+    closed: dict[str, dict[str, Any]] = {}
     t_start = time.monotonic()
     try:
         with ReceiverProcess() as rx:
-            for i, mode in enumerate(schedule):
-                run = _one_run(Stack, mode, rx, clients, requests, warmup, max_tokens)
-                run["round"] = i // len(modes)
-                runs.append(run)
-                log(
-                    f"  serving run {i + 1}/{len(schedule)} trace={mode}: {run['throughput_rps']:.1f} req/s, "
-                    f"p50 {percentile(run['latencies'], 50) * 1e3:.1f} ms, p99 {percentile(run['latencies'], 99) * 1e3:.1f} ms, "
-                    f"CPU ms/request api {run['api_cpu_ms_per_request']:.2f} engine {run['engine_cpu_ms_per_request']:.2f} "
-                    f"(export processes {run['api_export_process_cpu_ms_per_request']:.2f}, "
-                    f"{run['engine_export_process_cpu_ms_per_request']:.2f}), "
-                    f"errors {run['errors']}, startup {run['startup_s']:.1f} s"
-                )
+            try:
+                for mode in modes:  # all up at once, each warmed up
+                    stacks[mode] = LiveStack(Stack, mode, rx, clients, max_tokens)
+                    stacks[mode].run(warmup, waves=False)
+                    stacks[mode].run(warmup, waves=True)
+                rx.clear()
+                for k, order in enumerate(rotations(pairs)):
+                    for mode in order:  # throughput and latency, clients free-running
+                        run = stacks[mode].run(requests, waves=False)
+                        run.update(mode=mode, round=k)
+                        runs.append(run)
+                        log(
+                            f"  serving round {k + 1}/{pairs} trace={mode}: {run['throughput_rps']:.1f} req/s, "
+                            f"p50 {percentile(run['latencies'], 50) * 1e3:.1f} ms, "
+                            f"p99 {percentile(run['latencies'], 99) * 1e3:.1f} ms, CPU ms/request "
+                            f"api {run['api_cpu_ms_per_request']:.2f} engine {run['engine_cpu_ms_per_request']:.2f}, "
+                            f"errors {run['errors']}"
+                        )
+                    for j, turn in enumerate(rotations(3)):
+                        for mode in turn:  # CPU per request, in waves
+                            b = stacks[mode].run(burst, waves=True)
+                            b.update(mode=mode, round=3 * k + j)
+                            bursts.append(b)
+                    last = [b for b in bursts if b["round"] >= 3 * k]
+                    log("  CPU ms/request in waves, this round's bursts: " + "; ".join(
+                        f"{m} api {statistics.median(b['api_cpu_ms_per_request'] for b in last if b['mode'] == m):.2f} "
+                        f"engine {statistics.median(b['engine_cpu_ms_per_request'] for b in last if b['mode'] == m):.2f}"
+                        for m in modes))
+            finally:
+                for mode, live in stacks.items():
+                    closed[mode] = live.close()
+            spans_received = rx.count()  # after the stacks shut down (and flushed)
     except Exception as exc:
         reason = f"serving benchmark failed: {type(exc).__name__}: {exc}"
         log("  " + reason)
         out = _skipped(reason)
         out["serving_available"] = True
         return out
+    failed = sum(r["errors"] for r in runs + bursts)
+    if failed:
+        first = next(r["first_error"] for r in runs + bursts if r["first_error"])
+        log(f"  serving benchmark: {failed} requests failed, e.g. {first}")
+        out = _skipped(f"serving benchmark failed: {failed} requests failed, e.g. {first}")
+        out["serving_available"] = True
+        return out
 
     by_mode: dict[str, dict[str, Any]] = {}
+    cpu_keys = [f"{role}_cpu_ms_per_request" for role in ROLES] + [
+        f"{role}_export_process_cpu_ms_per_request" for role in ROLES
+    ] + ["engine_model_thread_cpu_ms_per_request", "engine_other_threads_cpu_ms_per_request", "engine_steps_per_request"]
     for mode in modes:
         mine = [r for r in runs if r["mode"] == mode]
         lat = [x for r in mine for x in r["latencies"]]
@@ -277,41 +361,46 @@ def run_serving(
             "p50_ms": percentile(lat, 50) * 1e3,
             "p99_ms": percentile(lat, 99) * 1e3,
             "p99_ms_runs": [round(percentile(r["latencies"], 99) * 1e3, 2) for r in mine],
-            "completed": sum(r["completed"] for r in mine),
-            "errors": sum(r["errors"] for r in mine),
-            "first_error": next((r["first_error"] for r in mine if r["first_error"]), None),
-            "startup_s": [round(r["startup_s"], 2) for r in mine],
-            "trace_log_bytes": sum(r["trace_log_bytes"] for r in mine),
+            "completed": sum(r["completed"] for r in mine) + sum(b["completed"] for b in bursts if b["mode"] == mode),
+            "startup_s": round(stacks[mode].startup_s, 2),
+            "trace_log_bytes": closed.get(mode, {}).get("trace_log_bytes"),
         }
-        for role in ROLES:
-            for key in (f"{role}_cpu_ms_per_request", f"{role}_export_process_cpu_ms_per_request",
-                        f"{role}_cpu_ms_per_request_free"):
-                by_mode[mode][key] = statistics.median(r[key] for r in mine)
-                by_mode[mode][key + "_runs"] = [round(r[key], 3) for r in mine]
-        if mode == "all":
-            by_mode[mode]["spans_received"] = sum(r.get("spans_received", 0) for r in mine)
+        for key in cpu_keys:  # in waves, the medians over the bursts
+            values = [b[key] for b in bursts if b["mode"] == mode and key in b]
+            by_mode[mode][key] = statistics.median(values) if values else math.nan
+            by_mode[mode][key + "_runs"] = [round(v, 3) for v in values]
+        for role in ROLES:  # free-running, for reference
+            key = f"{role}_cpu_ms_per_request"
+            by_mode[mode][key + "_free"] = statistics.median(r[key] for r in mine)
+    by_mode["all"]["spans_received"] = spans_received
     off, on = by_mode["off"], by_mode["all"]
 
-    def per_round(metric: Callable[[dict[str, Any], dict[str, Any]], float], mode: str = "all") -> list[float]:
-        """metric(run in `mode`, run with tracing off) for each round."""
+    def paired(items: list[dict[str, Any]], metric: Callable[[dict[str, Any], dict[str, Any]], float], mode: str) -> list[float]:
+        """metric(item in `mode`, item with tracing off) for each round of `items`."""
         out = []
-        for k in range(pairs):
-            r = {x["mode"]: x for x in runs if x["round"] == k}
+        for k in sorted({x["round"] for x in items}):
+            r = {x["mode"]: x for x in items if x["round"] == k}
             out.append(metric(r[mode], r["off"]))
         return out
 
-    tput = per_round(lambda a, o: a["throughput_rps"] / o["throughput_rps"])
-    p50 = per_round(lambda a, o: percentile(a["latencies"], 50) / percentile(o["latencies"], 50))
-    p99 = per_round(lambda a, o: percentile(a["latencies"], 99) / percentile(o["latencies"], 99))
+    tput = paired(runs, lambda a, o: a["throughput_rps"] / o["throughput_rps"], "all")
+    p50 = paired(runs, lambda a, o: percentile(a["latencies"], 50) / percentile(o["latencies"], 50), "all")
+    p99 = paired(runs, lambda a, o: percentile(a["latencies"], 99) / percentile(o["latencies"], 99), "all")
     added: dict[str, Any] = {}
     for mode in modes[1:]:
         suffix = "" if mode == "all" else f"_{mode}"
+        for key, name in (
+            ("api_cpu_ms_per_request", "api_cpu_ms_added"),
+            ("engine_cpu_ms_per_request", "engine_cpu_ms_added"),
+            ("engine_other_threads_cpu_ms_per_request", "engine_tracing_threads_cpu_ms_added"),
+            ("engine_model_thread_cpu_ms_per_request", "engine_model_thread_cpu_ms_added"),
+        ):
+            diffs = paired(bursts, lambda a, o, key=key: a[key] - o[key], mode)
+            added[f"serving_{name}{suffix}"] = statistics.median(diffs)
+            added[f"serving_{name}{suffix}_rounds"] = [round(x, 3) for x in diffs]
         for role in ROLES:
             key = f"{role}_cpu_ms_per_request"
-            diffs = per_round(lambda a, o, key=key: a[key] - o[key], mode)
-            added[f"serving_{role}_cpu_ms_added{suffix}"] = statistics.median(diffs)
-            added[f"serving_{role}_cpu_ms_added{suffix}_rounds"] = [round(x, 3) for x in diffs]
-            free = per_round(lambda a, o, key=key: a[key + "_free"] - o[key + "_free"], mode)
+            free = paired(runs, lambda a, o, key=key: a[key] - o[key], mode)
             added[f"serving_{role}_cpu_ms_added{suffix}_free"] = statistics.median(free)
             added[f"serving_{role}_cpu_ms_added{suffix}_free_rounds"] = [round(x, 3) for x in free]
     return {
@@ -325,11 +414,13 @@ def run_serving(
         "serving_p50_ratio_rounds": [round(x, 4) for x in p50],
         "serving_p99_ratio_rounds": [round(x, 4) for x in p99],
         "serving_off_api_cpu_ms": off["api_cpu_ms_per_request"],
+        "serving_off_engine_cpu_ms": off["engine_cpu_ms_per_request"],
         # CPU of the OTLP export side-processes, per request (not in the *_added figures: not the
         # serving process's, and not under its GIL; on a 2-core box it still competes for cores)
         "serving_api_export_process_cpu_ms": on["api_export_process_cpu_ms_per_request"],
         "serving_engine_export_process_cpu_ms": on["engine_export_process_cpu_ms_per_request"],
-        "serving_off_engine_cpu_ms": off["engine_cpu_ms_per_request"],
+        # equal in every mode when the waves kept the batches equal (the engine's CPU follows its steps)
+        "serving_engine_steps_per_request": {m: by_mode[m]["engine_steps_per_request"] for m in modes},
         "serving_p99_ratio_pooled": on["p99_ms"] / off["p99_ms"],
         "serving_off_rps": off["throughput_rps"],
         "serving_all_rps": on["throughput_rps"],
@@ -339,8 +430,9 @@ def run_serving(
         "serving_all_p99_ms": on["p99_ms"],
         "serving_clients": clients,
         "serving_requests_per_run": requests,
+        "serving_requests_per_burst": burst,
         "serving_max_tokens": max_tokens,
-        "serving_schedule": schedule,
+        "serving_rounds": pairs,
         "serving_seconds": time.monotonic() - t_start,
         "serving": by_mode,
     }

@@ -95,6 +95,19 @@ class StepResult:
     finish_reason: str | None = None
 
 
+@dataclass
+class StepStats:
+    """What the model runner did: the engine's CPU per request follows its steps, not only its requests."""
+
+    steps: int = 0
+    prefills: int = 0
+    decode_rows: int = 0
+
+    def log(self, *_: object) -> None:
+        """SIGUSR1: one line to the engine's log (the serving bench reads it around a run)."""
+        log.info("step stats: steps=%d prefills=%d decode_rows=%d", self.steps, self.prefills, self.decode_rows)
+
+
 class Engine:
     def __init__(self, cfg: EngineConfig, recv_addr: str, send_addr: str) -> None:
         self.cfg = cfg
@@ -117,6 +130,7 @@ class Engine:
         self._faults = os.environ.get(FAULTS_ENV) == "1"
         self.threads: list[threading.Thread] = []
         self.fatal: str | None = None  # why the engine is unhealthy (a thread died); sent in the heartbeat
+        self.stats = StepStats()
 
     def _fault(self, req: Request, stage: str) -> None:
         """Fault injection (off unless MINIFD_FAULTS=1): raise at `stage` when the request asks for it."""
@@ -323,6 +337,10 @@ class Engine:
             except queue.Empty:
                 continue
             results: list[StepResult] = []
+            stats = self.stats
+            stats.steps += 1
+            stats.prefills += len(prefills)
+            stats.decode_rows += len(decodes)
             for req in prefills:
                 try:
                     self._fault(req, "prefill")
@@ -477,6 +495,7 @@ def main(argv: list[str] | None = None) -> None:
     engine = Engine(cfg, args.recv, args.send)
     signal.signal(signal.SIGTERM, engine.stop)
     signal.signal(signal.SIGINT, engine.stop)
+    signal.signal(signal.SIGUSR1, engine.stats.log)
     try:
         code = engine.run()
     finally:
