@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace import SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExportResult
 
 from ._limits import shrink, span_size
-from ._selflog import get_logger, name_os_thread
+from ._selflog import get_logger, name_os_thread, warn
 
 logger = get_logger(__name__)
 
@@ -86,10 +86,8 @@ class ExportChannel(SpanProcessor, Generic[T]):
         q = self._queue
         if len(q) >= self._max_queue or self._closing:
             self.dropped += 1
-            logger.warning(
-                "export queue for %s is full (%d spans); dropping spans (counted)",
-                self.target,
-                self._max_queue,
+            warn(
+                logger, "export queue for %s is full (%d spans); dropping spans (counted)", self.target, self._max_queue
             )
             return
         q.append(span)

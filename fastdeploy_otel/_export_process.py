@@ -39,7 +39,7 @@ from opentelemetry.sdk.trace.export import SpanExportResult
 
 from ._limits import Limits, shrink_parts
 from ._otlp_proto import EncodedBatch, EncodedSpan, Encoder, install
-from ._selflog import get_logger
+from ._selflog import get_logger, warn
 from ._wire import Rebuilder, WireSpan, wire_of_span, within_limits
 
 logger = get_logger(__name__)
@@ -125,8 +125,8 @@ class ProcessChannel(SpanProcessor):
     def offer(self, span: WireSpan | ReadableSpan) -> None:
         if len(self._pending) >= self._max_queue or self._closing:
             self._dropped_here += 1
-            logger.warning(
-                "export queue for %s is full (%d spans); dropping spans (counted)", self.target, self._max_queue
+            warn(
+                logger, "export queue for %s is full (%d spans); dropping spans (counted)", self.target, self._max_queue
             )
             return
         self._pending.append(span)

@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 
 from ._assembler import Assembler
 from ._errorlog import ErrorLogFile
-from ._selflog import get_logger, name_os_thread
+from ._selflog import get_logger, name_os_thread, warn
 from .attributes import text
 from .config import Settings
 from .events import parse_event
@@ -179,8 +179,8 @@ class Runtime:
         if self.settings.strict:
             parse_event(event)  # raises UnknownEventError with the accepted names
         self.count("unknown_events")
-        logger.warning("dropped unknown trace event %r (counted)", text(event)[:64])
+        warn(logger, "dropped unknown trace event %r (counted)", text(event)[:64])
 
     def full(self) -> None:
         self.count("dropped_queue_full")
-        logger.warning("%d trace events pending; dropping new ones (counted)", self.max_pending)
+        warn(logger, "%d trace events pending; dropping new ones (counted)", self.max_pending)

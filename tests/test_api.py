@@ -10,6 +10,7 @@ import time
 import pytest
 
 import fastdeploy_otel as fdt
+from fastdeploy_otel import _selflog
 from fastdeploy_otel import attributes as A
 from fastdeploy_otel.events import ALIASES, EVENT_TO_STAGE_MAP, StageName, UnknownEventError
 from fastdeploy_otel.events import LoggingEventName as E
@@ -302,11 +303,20 @@ def test_stuck_request_shows_start_lines_within_a_second(traced, tmp_path):
     assert [l["event"] for l in lines] == ["PREPROCESSING_START", "PREPROCESSING_END", "REQUEST_SCHEDULE_START"]
 
 
-def test_full_queue_drops_are_counted(traced):
+def test_full_queue_drops_are_counted(traced, caplog, monkeypatch):
+    caplog.set_level(logging.WARNING, logger="fastdeploy_otel")
     traced(mode="local", max_pending=10, flush_interval_s=60)
     for _ in range(25):
         fdt.trace_print(E.PREPROCESSING_START, "flood")
     assert fdt.stats()["dropped_queue_full"] == 15
+    # One line for the flood; the 14 held back (never built: a drop must stay cheap) are counted
+    # and named by the next line that passes.
+    flood = [r.getMessage() for r in caplog.records if "dropping new ones" in r.getMessage()]
+    assert len(flood) == 1
+    monkeypatch.setattr(_selflog, "INTERVAL_S", 0.0)
+    fdt.trace_print(E.PREPROCESSING_START, "flood")
+    flood = [r.getMessage() for r in caplog.records if "dropping new ones" in r.getMessage()]
+    assert len(flood) == 2 and "(14 similar messages suppressed" in flood[1]
 
 
 def test_collector_down_never_reaches_serving(traced, caplog):
