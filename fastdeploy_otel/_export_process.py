@@ -192,11 +192,13 @@ class ProcessChannel(SpanProcessor):
         n = len(q)
         if not n:
             return
-        batch = []
+        # Plain tuples cross the pipe: a NamedTuple pickles through its Python __getnewargs__, about
+        # 2 us a span against 0.3 for the tuple it is.
+        batch: list[tuple] = []
         for _ in range(n):
             span = q.popleft()
             try:
-                batch.append(span if isinstance(span, WireSpan) else wire_of_span(span))
+                batch.append(tuple(span if isinstance(span, WireSpan) else wire_of_span(span)))
             except Exception:
                 self._dropped_here += 1
                 logger.warning("a span that could not be read was dropped (counted)", exc_info=True)
@@ -206,7 +208,7 @@ class ProcessChannel(SpanProcessor):
             frame = self._frame_each(batch)
         self._queue_frame(frame)
 
-    def _frame_each(self, batch: list[WireSpan]) -> _Frame:
+    def _frame_each(self, batch: list[tuple]) -> _Frame:
         good = []
         for span in batch:
             try:
@@ -571,7 +573,7 @@ def serve(stream: Any, reply_fd: int) -> int:
         if kind == "spans":
             for w in message[1]:
                 try:
-                    channel.on_end(prepare(w))
+                    channel.on_end(prepare(WireSpan._make(w)))
                 except Exception:
                     channel.failed += 1
                     logger.warning("a span could not be rebuilt for export; dropped (counted)", exc_info=True)

@@ -1,7 +1,8 @@
 """A finished span as plain values (``WireSpan``): what crosses the pipe to the export process, and
 the one way our spans become the SDK's ReadableSpans (``Rebuilder``), span limits applied.
 
-Plain values only, so that pickling it stays in C; a NamedTuple, so that readers use names.
+Plain values only, so that pickling it stays in C; a NamedTuple, so that readers use names (it
+crosses the pipe as the plain tuple it is: a NamedTuple pickles through a Python method).
 """
 
 from __future__ import annotations

@@ -76,49 +76,69 @@ def parse_line(line: str) -> dict[str, str] | None:
     return out
 
 
+# ",000" ... ",999": the millisecond part of asctime, without formatting a number per line.
+_MILLIS = tuple(f",{ms:03d}" for ms in range(1000))
+_CACHE_MAX = 4096  # entries per fragment cache; a full cache starts afresh
+
+
 class AscTime:
-    """``2026-04-28 10:15:02,118`` for an epoch-ns time, caching the per-second part."""
+    """``2026-04-28 10:15:02,118`` for an epoch-ms time, caching the per-second part."""
 
     def __init__(self) -> None:
         self._sec = -1
         self._text = ""
 
-    def __call__(self, ts_ns: int) -> str:
-        sec, ms = divmod(ts_ns // 1_000_000, 1000)
+    def __call__(self, ts_ms: int) -> str:
+        sec, ms = divmod(ts_ms, 1000)
         if sec != self._sec:
             self._sec, self._text = sec, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sec))
-        return f"{self._text},{ms:03d}"
+        return self._text + _MILLIS[ms]
 
 
 class LineFormatter:
+    """MirrorRecord to line.  The same threads, call sites, request ids, users and trace ids recur
+    line after line, so each fragment is escaped or formatted once and cached (about 1.5 us a line
+    instead of 4-6 with everything formatted each time)."""
+
     def __init__(self) -> None:
         self._asctime = AscTime()
-        self._pid = os.getpid()
-        # The same request ids, users, threads and files recur line after line: escape each once.
-        self._escaped: dict[object, str] = {}
-        self._files: dict[str, str] = {}
-
-    def _esc(self, value: object) -> str:
-        if type(value) is not str:  # only strings are cached: 1, 1.0 and True would share a key
-            return escape(value)
-        text = self._escaped.get(value)
-        if text is None:
-            if len(self._escaped) > 50_000:
-                self._escaped.clear()
-            text = self._escaped[value] = escape(value)
-        return text
+        self._head = f"{os.getpid():<5} "
+        self._where: dict[tuple[str, int], str] = {}
+        self._threads: dict[tuple[int, str], str] = {}
+        self._who: dict[tuple[str, object], str] = {}
+        self._hex: dict[int, str] = {}
 
     def __call__(self, r: MirrorRecord) -> str:
-        user = "" if r.user == "" else f"[user_id={self._esc(r.user)}] "  # FastDeploy drops an empty user
-        file = self._files.get(r.filename)
-        if file is None:
-            file = self._files[r.filename] = escape(os.path.basename(r.filename))
+        ts_ns, filename, lineno, thread_id, thread_name, request_id, user, event, stage, trace_id, span_id = r
+        ms = ts_ns // 1_000_000
+        where = self._where.get((filename, lineno))
+        if where is None:
+            where = _put(self._where, (filename, lineno), f"{escape(os.path.basename(filename))}[line:{lineno}] ")
+        thread = self._threads.get((thread_id, thread_name))
+        if thread is None:
+            thread = _put(
+                self._threads, (thread_id, thread_name), f"[thread={thread_id}] [thread_name={escape(thread_name)}] "
+            )
+        # Only a str or None user is cached: 1, 1.0 and True would share a key.
+        who = self._who.get((request_id, user)) if user is None or type(user) is str else None
+        if who is None:
+            who = f"[request_id={escape(request_id)}] " + ("" if user == "" else f"[user_id={escape(user)}] ")
+            if user is None or type(user) is str:
+                _put(self._who, (request_id, user), who)
+        trace = self._hex.get(trace_id)
+        if trace is None:
+            trace = _put(self._hex, trace_id, f"{trace_id:032x}")
         return (
-            f"INFO     {self._asctime(r.ts_ns)} {self._pid:<5} {file}[line:{r.lineno}] "
-            f"[thread={r.thread_id}] [thread_name={self._esc(r.thread_name)}] [timestamp={r.ts_ns // 1_000_000}] "
-            f"[request_id={self._esc(r.request_id)}] {user}[event={r.event}] [stage={r.stage}] "
-            f"[trace_id={r.trace_id:032x}] [span_id={r.span_id:016x}] "
+            f"INFO     {self._asctime(ms)} {self._head}{where}{thread}[timestamp={ms}] {who}"
+            f"[event={event}] [stage={stage}] [trace_id={trace}] [span_id={span_id:016x}] "
         )
+
+
+def _put(cache: dict, key: object, value: str) -> str:
+    if len(cache) >= _CACHE_MAX:
+        cache.clear()
+    cache[key] = value
+    return value
 
 
 class TraceLogMirror:
@@ -139,8 +159,13 @@ class TraceLogMirror:
 
     def write(self, records: list[MirrorRecord]) -> None:
         """One write per batch: the lines of concurrent processes never interleave mid-line."""
-        if records:
-            self.file.write("".join([self._line(r) + "\n" for r in records]), len(records))
+        if not records:
+            return
+        try:
+            text = "\n".join(map(self._format, records))
+        except Exception:  # a bad record: line by line, so that it costs only itself
+            text = "\n".join(map(self._line, records))
+        self.file.write(text + "\n", len(records))
 
     def _line(self, record: MirrorRecord) -> str:
         try:
