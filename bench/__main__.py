@@ -16,6 +16,7 @@ from typing import Any
 
 from .micro import run_micro
 from .replay import REPLAY_KEYS, run_replay
+from .instructions import INSTRUCTION_KEYS, run_instructions
 from .serving import SERVING_KEYS, run_serving
 
 # key: (comparison, target); None = informational
@@ -136,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         "drops spans under the bench's bursts; drops are counted in the JSON)",
     )
     p.add_argument("--no-replay", action="store_true", help="skip the replay benchmark")
+    p.add_argument(
+        "--no-instructions", action="store_true", help="skip the instruction counts (callgrind; about 4 minutes)"
+    )
     p.add_argument("--replay-lines", type=int, default=1_000_000, help="replay: lines of the input (default 1000000)")
     p.add_argument("--serving-requests", type=int, help="serving: requests per run")
     p.add_argument("--serving-clients", type=int, help="serving: concurrent clients (default 8)")
@@ -149,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     res: dict[str, Any] = {k: None for k in TARGETS}
     res.update({k: None for k in SERVING_KEYS})
     res.update({k: None for k in REPLAY_KEYS})
+    res.update({k: None for k in INSTRUCTION_KEYS})
     res.update({
         "python": platform.python_version(),
         "implementation": platform.python_implementation(),
@@ -167,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
             rss_requests=args.rss_requests, flush_interval_s=args.flush_interval,
             bsp={"max_queue_size": args.bsp_queue} if args.bsp_queue else {}, log=log,
         ))
+    if not args.no_instructions:
+        log("instructions per request (callgrind) ...")
+        res.update(run_instructions(log=log))
     if not args.no_replay:
         log("replay benchmark ...")
         res.update(run_replay(args.replay_lines, log=log))

@@ -436,9 +436,9 @@ class ProcessChannel(SpanProcessor):
                 seq = self._send_control("close", max(0.0, deadline - time.monotonic() - _REPLY_MARGIN_S))
                 self._wait_for(seq, deadline)
                 proc = self._proc
-                if proc is not None:
+                if proc is not None:  # it answered: it is exiting (slowly only under a profiler)
                     try:
-                        proc.wait(timeout=max(0.01, min(0.5, deadline - time.monotonic())))
+                        proc.wait(timeout=max(0.01, deadline - time.monotonic()))
                     except subprocess.TimeoutExpired:
                         proc.kill()
                     self._child_gone()

@@ -44,12 +44,16 @@ class WireSpan(NamedTuple):
     trace_state: str = ""  # the W3C tracestate an SDK span carries (a caller's, on the HTTP span)
 
 
+# A NamedTuple's own constructor is a Python function; tuple.__new__ makes the same object in C.
+_new_wire: Any = tuple.__new__
+
+
 def wire_of_state(s: SpanState, scope: tuple[str, str | None]) -> WireSpan:
     """One of our assembled spans, as it is: the child applies the span limits."""
-    return WireSpan(
+    return _new_wire(WireSpan, (
         s.name, s.trace_id, s.span_id, s.parent_id, s.parent_remote, _INTERNAL, s.start_ns, s.end_ns,
-        s.attributes, s.events, (), 2 if s.error else 0, s.error, scope,
-    )  # fmt: skip
+        s.attributes, s.events, (), 2 if s.error else 0, s.error, scope, "",
+    ))  # fmt: skip
 
 
 def wire_of_span(span: ReadableSpan) -> WireSpan:

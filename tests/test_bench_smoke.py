@@ -19,7 +19,7 @@ def _finite(value: object) -> bool:
 def test_micro_bench_smoke(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--no-serving", "--requests", "12", "--rounds", "1", "--threads", "1,2",
+        [sys.executable, "-m", "bench", "--no-serving", "--no-instructions", "--requests", "12", "--rounds", "1", "--threads", "1,2",
          "--rss-requests", "200", "--replay-lines", "20000", "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
@@ -29,6 +29,7 @@ def test_micro_bench_smoke(tmp_path):
 
     sys.path.insert(0, ROOT)
     try:
+        from bench.instructions import INSTRUCTION_KEYS
         from bench.micro import MICRO_KEYS
         from bench.replay import REPLAY_KEYS
         from bench.serving import SERVING_KEYS
@@ -51,6 +52,6 @@ def test_micro_bench_smoke(tmp_path):
         assert row["otel_spans_built"] == row["otel_spans_received"] == 10 * 12
         assert row["otel_dropped_queue_full"] == 0
         assert row["otel_mirror_lines"] == 21 * 12
-    for key in SERVING_KEYS:  # --no-serving: present, null
+    for key in (*SERVING_KEYS, *INSTRUCTION_KEYS):  # --no-serving, --no-instructions: present, null
         assert key in res and res[key] is None
     assert res["python"] == ".".join(map(str, sys.version_info[:3]))

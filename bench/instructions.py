@@ -1,0 +1,103 @@
+"""Instructions per request (callgrind): the one figure this noisy, shared 2-core machine does not move.
+
+CPU time per request drifts by tens of percent from minute to minute here; the count of machine
+instructions a request costs does not (runs agree to well under 1%).  Each variant replays MIXED
+(21 events) for `base` and for `base + requests` requests in a fresh process under
+``valgrind --tool=callgrind``; the difference over `requests` is the instructions one request costs,
+with start-up and imports cancelled out.  ``--trace-children=yes`` counts the OTLP export process too,
+so ``otel`` is the whole cost of tracing, wherever it runs.  Instructions are not time (a cache miss
+costs more than an add), so the bench reports these next to the CPU figures, not instead of them.
+
+instructions_legacy_per_request    FastDeploy's trace.log path (bench/legacy.py)
+instructions_otel_per_request      fastdeploy_otel, mode all, OTLP/gRPC to a real receiver + the mirror
+instructions_otel_in_process_per_request   the same, the serving process alone
+instructions_shaped_per_request    as serving: an HTTP SERVER span and both carrier hand-overs (serving process)
+instructions_ratio                 otel / legacy
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+from .receiver_proc import ReceiverProcess
+
+INSTRUCTION_KEYS = (
+    "instructions_legacy_per_request",
+    "instructions_otel_per_request",
+    "instructions_otel_in_process_per_request",
+    "instructions_shaped_per_request",
+    "instructions_ratio",
+)
+
+_DRIVER = """
+import os, sys, tempfile
+variant, n, endpoint = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+from bench import legacy
+from bench.micro import replay_fdt, replay_legacy, replay_serving_shaped, request_ids
+import fastdeploy_otel as fdt
+tmp = tempfile.mkdtemp()
+if variant == "legacy":
+    legacy.setup(tmp)
+    replay_legacy(request_ids(n))
+    legacy.teardown()
+else:
+    # The export process runs under callgrind too, 50x slower: deadlines long enough for it to finish.
+    fdt.configure(mode="all", endpoint=endpoint, log_dir=tmp, env={}, flush_interval_s=0.2, shutdown_timeout_s=600)
+    replay = replay_serving_shaped if variant == "shaped" else replay_fdt
+    for _ in range(n // 50):  # in chunks, as requests arrive, the worker flushing between them
+        replay(request_ids(50))
+        fdt.flush()
+    st = fdt.shutdown()
+    # every span made it: the count is of the whole path
+    assert st["spans_exported"] >= st["spans_built"] and not st["spans_lost_at_shutdown"], st
+"""
+
+_COLLECTED = re.compile(r"==(\d+)== Collected : (\d+)")
+
+
+def _count(variant: str, n: int, endpoint: str, cwd: str) -> tuple[int, int]:
+    """(instructions of the driver process, of all processes) for `n` requests."""
+    out = tempfile.mkdtemp(prefix="bench-cg-")
+    try:
+        proc = subprocess.run(
+            ["valgrind", "--tool=callgrind", "--trace-children=yes", f"--callgrind-out-file={out}/cg.%p",
+             sys.executable, "-c", _DRIVER, variant, str(n), endpoint],
+            cwd=cwd, capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    counts = [(int(pid), int(ir)) for pid, ir in _COLLECTED.findall(proc.stderr)]
+    if proc.returncode != 0 or not counts:
+        raise RuntimeError(f"callgrind run of {variant} failed ({proc.returncode}): {proc.stderr[-500:]}")
+    first = min(counts)[1]  # the driver is the lowest pid: it started the others
+    return first, sum(ir for _, ir in counts)
+
+
+def run_instructions(
+    requests: int = 300, base: int = 50, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)
+) -> dict[str, Any]:
+    if shutil.which("valgrind") is None:
+        log("  instructions skipped: valgrind is not installed (apt-get install valgrind)")
+        return {k: None for k in INSTRUCTION_KEYS}
+    cwd = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res: dict[str, Any] = {}
+    with ReceiverProcess() as rx:
+        for variant in ("legacy", "otel", "shaped"):
+            lo = _count(variant, base, rx.grpc_endpoint, cwd)
+            hi = _count(variant, base + requests, rx.grpc_endpoint, cwd)
+            own, total = ((h - low) / requests for h, low in zip(hi, lo, strict=True))
+            if variant == "otel":
+                res["instructions_otel_per_request"] = total
+                res["instructions_otel_in_process_per_request"] = own
+            else:
+                res[f"instructions_{variant}_per_request"] = own if variant == "shaped" else total
+            log(f"  instructions per request, {variant}: {own:,.0f} in the process, {total:,.0f} in all")
+    res["instructions_ratio"] = res["instructions_otel_per_request"] / res["instructions_legacy_per_request"]
+    return res
