@@ -8,6 +8,7 @@ crosses the pipe as the plain tuple it is: a NamedTuple pickles through a Python
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from opentelemetry.sdk.trace import Event, ReadableSpan
@@ -20,6 +21,8 @@ from ._records import SpanState
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _INTERNAL = SpanKind.INTERNAL.value
 _KINDS = {k.value: k for k in SpanKind}
+_KIND_VALUES = {k: k.value for k in SpanKind}
+_STATUS_VALUES = {c: c.value for c in StatusCode}
 _STATUS_CODES = {c.value: c for c in StatusCode}
 _UNSET = Status(StatusCode.UNSET)
 
@@ -58,24 +61,32 @@ def wire_of_state(s: SpanState, scope: tuple[str, str | None]) -> WireSpan:
 
 def wire_of_span(span: ReadableSpan) -> WireSpan:
     """A span the SDK made (the HTTP server span, or one of ours with an exception recorded)."""
-    ctx, parent, scope = span.context, span.parent, span.instrumentation_scope
-    return WireSpan(
+    ctx, parent, scope, status = span.context, span.parent, span.instrumentation_scope, span.status
+    return _new_wire(WireSpan, (
         span.name,
         ctx.trace_id if ctx else 0,
         ctx.span_id if ctx else 0,
         parent.span_id if parent else 0,
         bool(parent and parent.is_remote),
-        span.kind.value,
+        _KIND_VALUES[span.kind],
         span.start_time or 0,
         span.end_time or 0,
-        dict(span.attributes or {}),
-        [(e.name, e.timestamp, dict(e.attributes or {})) for e in span.events],
-        [(lk.context.trace_id, lk.context.span_id, dict(lk.attributes or {})) for lk in span.links],
-        span.status.status_code.value,
-        span.status.description,
+        _copy(span.attributes),
+        [(e.name, e.timestamp, _copy(e.attributes)) for e in span.events],
+        [(lk.context.trace_id, lk.context.span_id, _copy(lk.attributes)) for lk in span.links],
+        _STATUS_VALUES[status.status_code],
+        status.description,
         (scope.name, scope.version) if scope else ("", None),
         ctx.trace_state.to_header() if ctx and ctx.trace_state else "",
-    )
+    ))  # fmt: skip
+
+
+def _copy(attributes: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A plain dict of an SDK span's attributes: the SDK's read-only view copies in C (dict() of it
+    iterates in Python, 2.6 us against 0.5 for six attributes)."""
+    if isinstance(attributes, (dict, MappingProxyType)):
+        return attributes.copy()
+    return dict(attributes or {})
 
 
 def within_limits(w: WireSpan, lim: Limits) -> WireSpan:
