@@ -21,7 +21,7 @@ from fastdeploy_otel.tools import cli
 from fastdeploy_otel.tools.replay import base_request_id
 from fastdeploy_otel.tools.spans import Span, read_spans
 from fastdeploy_otel.tools.spanstates import JsonLinesWriter, to_span
-from fastdeploy_otel.tools.tracelog import parse, parse_many
+from fastdeploy_otel.tools.tracelog import parse, parse_many, split_lines
 from tests.support.fdlogs import FdLog
 from tests.support.lifecycles import MIXED, PD_DECODE, PD_PREFILL
 
@@ -294,8 +294,8 @@ def test_line_formats_parse_to_the_same_values():
     assert parsed is not None and parsed.span_id == 0 and parsed.trace_id == 0xB3A91F27C4D05E6A
 
 
-def test_a_list_of_lines_parses_as_each_line_does():
-    """parse_many (one regex pass over a list) gives what parse gives line by line, damage included."""
+def test_a_block_of_lines_parses_as_each_line_does():
+    """parse_many (one regex pass over a block) gives what parse gives line by line, damage included."""
     fd = ("INFO     2026-04-28 10:15:02,131 81190 common_engine.py[line:1287] [thread=1] [thread_name=T] "
           "[timestamp=1777342502131] [request_id=chatcmpl-7c1e_0] [user_id=None] [event=REQUEST_QUEUE_START] "
           "[stage=SCHEDULE] [trace_id=0000000000000000b3a91f27c4d05e6a] \n")
@@ -309,8 +309,9 @@ def test_a_list_of_lines_parses_as_each_line_does():
     for _ in range(200):
         lines = [rnd.choice(variants[:1] * 8 + variants) for _ in range(rnd.randint(1, 40))]
         lines = [t if t.endswith("\n") else t + "\n" for t in lines[:-1]] + lines[-1:]
-        assert parse_many(lines) == [parse(t) for t in lines]
-    assert parse_many([fd] * 3) == [parse(fd)] * 3 and parse_many([]) == []
+        assert split_lines("".join(lines)) == lines
+        assert parse_many("".join(lines)) == [parse(t) for t in lines]
+    assert parse_many(fd * 3) == [parse(fd)] * 3 and parse_many("") == []
 
 
 def test_json_lines_read_back_as_the_spans_made_directly(tmp_path):

@@ -22,7 +22,7 @@ from typing import NamedTuple
 from ..events import _LOOKUP, LoggingEventName, lookup
 from ..mirror import unescape
 
-__all__ = ["MAX_LINE", "TraceLine", "parse", "parse_many", "why_bad"]
+__all__ = ["MAX_LINE", "TraceLine", "parse", "parse_many", "split_lines", "why_bad"]
 
 _lookup = _LOOKUP.get  # names only reach it: strings, always hashable
 _new = tuple.__new__  # a NamedTuple without its generated __new__: a third of the cost of a line
@@ -101,20 +101,31 @@ _findall = _COMMON.findall
 _NO_USER = {"": None, "None": None}  # FastDeploy writes "None"; findall gives "" for a missing field
 
 
-def parse_many(texts: list[str]) -> list[TraceLine | None]:
-    """[parse(t) for t in texts], for lines as a file holds them (each but a last one ending in a
-    newline).  When every line has the common shape: one regex pass over the joined lines and a few
-    passes in C, no Python call per line; else line by line."""
-    if not texts:
+def split_lines(text: str) -> list[str]:
+    """The lines of `text` as a file holds them: each ending at a newline ("\\n" only, as
+    ``open(newline="\\n")`` reads them), but a last one without."""
+    lines = text.split("\n")
+    last = lines.pop()
+    lines = [line + "\n" for line in lines]
+    if last:
+        lines.append(last)
+    return lines
+
+
+def parse_many(text: str) -> list[TraceLine | None]:
+    """[parse(t) for t in split_lines(text)], for a block of lines as a file holds them.  When every
+    line has the common shape: one regex pass over the block and a few passes in C, no Python call
+    (nor str) per line; else line by line."""
+    if not text:
         return []
-    joined = "".join(texts)
-    found = _findall(joined)
-    # A match ends at a line's end, so as many matches as lines means one within each line.
-    if len(found) == len(texts) and max(map(len, texts)) <= MAX_LINE:
+    found = _findall(text)
+    # A match ends at a line's end, so as many matches as lines means one within each line; a block
+    # no longer than MAX_LINE holds no line longer than it.
+    if len(found) == text.count("\n") + (text[-1] != "\n") and len(text) <= MAX_LINE:
         stamps, rids, users, names, trace_ids, span_ids = zip(*found, strict=True)
         events = list(map(_lookup, names))
         ms = list(map(int, stamps))
-        if None not in events and min(ms) > 0 and (not any(span_ids) or "\\" not in joined):
+        if None not in events and min(ms) > 0 and (not any(span_ids) or "\\" not in text):
             return list(
                 map(
                     _new,
@@ -130,7 +141,7 @@ def parse_many(texts: list[str]) -> list[TraceLine | None]:
                     ),
                 )
             )
-    return list(map(parse, texts))
+    return list(map(parse, split_lines(text)))
 
 
 def parse(text: str) -> TraceLine | None:
