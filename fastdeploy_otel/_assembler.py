@@ -45,7 +45,7 @@ def new_trace_id() -> int:
 def request_span_id(trace_id: int, request_id: str, ts_ns: int) -> int:
     """The request span's id, derived from what its first trace.log line carries (trace id, request
     id, millisecond timestamp): no line names the request span, yet a replayed mirror reproduces it."""
-    key = f"{trace_id:032x}/{request_id}/{ts_ns // 1_000_000}".encode("utf-8", "surrogatepass")
+    key = f"{trace_id.to_bytes(16, 'big').hex()}/{request_id}/{ts_ns // 1_000_000}".encode("utf-8", "surrogatepass")
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") or 1
 
 
@@ -368,7 +368,8 @@ class Assembler:
                 span = found
                 span.implicit = False
                 span.attributes.pop(A.IMPLICIT_START, None)
-                span.attributes.update(attrs)
+                if attrs:
+                    span.attributes.update(attrs)
             elif found is not None:
                 span = found
                 self._anomaly(span, "duplicate_start", ts, _NAME[event])
@@ -376,7 +377,8 @@ class Assembler:
                 if step.is_stage:
                     self._end_implicit_before(req, step.span)
                 span = self._open(req, step.span, step.stage, ts)
-                span.attributes.update(attrs)
+                if attrs:
+                    span.attributes.update(attrs)
         elif action is _CLOSE:
             closing = req.open.get(step.span)
             if closing is not None:
@@ -386,7 +388,8 @@ class Assembler:
                 span = self._open(req, step.span, step.stage, ts)
                 span.attributes[A.ANOMALY] = "end_without_start"
                 self.counters["anomalies"] += 1
-            span.attributes.update(attrs)
+            if attrs:
+                span.attributes.update(attrs)
             self._close(req, span, ts)
             for extra in step.also_closes:
                 if extra in req.open:
