@@ -77,6 +77,8 @@ def _target(step_name: LoggingEventName, open_spans: dict[str, SpanState]) -> st
 class ReplayIds:
     """The assembler's ids during a replay: from the line being fed where it has them, else derived."""
 
+    __slots__ = ("line", "preset", "_opened")  # `line` is set for every line fed
+
     def __init__(self) -> None:
         self.line: TraceLine | None = None
         self.preset: str = ""  # the span name the line's span_id is for

@@ -89,16 +89,17 @@ def _hex(value: str | None, digits: int = 32) -> int:
 # agrees on every line this accepts (unless its header, before [timestamp=], is damaged: _fields
 # reads fields there too).  A value is any run of characters but "]": a class of one character, sre's
 # fastest repeat; possessive where the re module has it (3.11): the same matches, less bookkeeping.
+# FastDeploy's "no user", None, is matched but not captured: no str made, hashed and mapped per line.
 _P = "+" if sys.version_info >= (3, 11) else ""
 _COMMON = re.compile(
-    rf"\[timestamp=([0-9]+{_P})\] \[request_id=([^\]]+{_P})\] (?:\[user_id=([^\]]+{_P})\] )?"
+    rf"\[timestamp=([0-9]+{_P})\] \[request_id=([^\]]+{_P})\] (?:\[user_id=(?:None\] |([^\]]+{_P})\] ))?"
     rf"\[event=([^\]]+{_P})\] \[stage=[^\]]*{_P}\]"
     r"(?: \[trace_id=(?:unknown|([0-9a-f]{1,32}))\])?(?: \[span_id=([0-9a-f]{1,16})\])?"
     rf"[ \t\r\f\v]*{_P}(?:\n|\Z)"
 )
 _search = _COMMON.search
 _findall = _COMMON.findall
-_NO_USER = {"": None, "None": None}  # FastDeploy writes "None"; findall gives "" for a missing field
+_NO_USER = {"": None}  # findall gives "" for a missing field (or FastDeploy's None)
 
 
 def split_lines(text: str) -> list[str]:
@@ -134,7 +135,7 @@ def parse_many(text: str) -> list[TraceLine | None]:
                         ms,
                         rids,
                         events,
-                        map(_NO_USER.get, users, users),
+                        map(_NO_USER.get, users, users) if any(users) else repeat(None),
                         [int(t, 16) if t else 0 for t in trace_ids] if any(trace_ids) else repeat(0),
                         [int(t, 16) if t else 0 for t in span_ids] if any(span_ids) else repeat(0),
                         strict=False,  # repeat(0): a column of zeros
