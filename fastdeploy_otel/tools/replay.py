@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from .. import attributes as A
 from .._assembler import Assembler, request_span_id
-from .._records import EVENT, FINISH, SpanState
+from .._records import FINISH, SpanState
 from ..events import LoggingEventName
 from ..span_plan import PLAN, REQUEST_SPAN_NAME, Action
 from .tracelog import TraceLine
@@ -189,7 +189,7 @@ class Replayer:
                 ids.preset = _target(event, req.open if req is not None else {})
                 if req is not None:
                     self._pin_span(key, ids.preset, span_id)
-            event_record((EVENT, ts, event, key, user, None, _NO_THREAD, None, "", 0))  # type: ignore[arg-type]
+            event_record(ts, event, key, user, None, None, None)
             if trace_id:
                 pinned.add(key)
             if ts > last_ns:
