@@ -55,11 +55,6 @@ def base_request_id(request_id: str) -> str:
     return request_id
 
 
-def _derive(nbytes: int, *parts: object) -> int:
-    key = "/".join(map(str, parts)).encode("utf-8", "surrogatepass")
-    return int.from_bytes(hashlib.blake2b(key, digest_size=nbytes).digest(), "big") or 1
-
-
 _GOLDEN = 0x9E3779B97F4A7C15
 _M64 = (1 << 64) - 1
 
@@ -88,7 +83,8 @@ class ReplayIds:
         line = self.line
         if line is not None and line.trace_id:
             return line.trace_id
-        return _derive(16, "trace", request_id, ts_ns // 1_000_000)
+        key = f"trace/{request_id}/{ts_ns // 1_000_000}".encode("utf-8", "surrogatepass")
+        return int.from_bytes(hashlib.blake2b(key, digest_size=16).digest(), "big") or 1
 
     def span_id(self, trace_id: int, request_id: str, name: str, ts_ns: int) -> int:
         line = self.line
