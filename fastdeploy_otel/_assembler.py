@@ -45,7 +45,7 @@ def new_trace_id() -> int:
 def request_span_id(trace_id: int, request_id: str, ts_ns: int) -> int:
     """The request span's id, derived from what its first trace.log line carries (trace id, request
     id, millisecond timestamp): no line names the request span, yet a replayed mirror reproduces it."""
-    key = f"{trace_id:032x}/{request_id}/{ts_ns // 1_000_000}".encode("utf-8", "surrogatepass")
+    key = f"{trace_id.to_bytes(16, 'big').hex()}/{request_id}/{ts_ns // 1_000_000}".encode("utf-8", "surrogatepass")
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") or 1
 
 
@@ -155,9 +155,9 @@ class Assembler:
 
     # ---- records -------------------------------------------------------------------------------
     def handle(self, rec: Record) -> None:
-        kind, ts, _, rid, _, payload, _, ctx, _, _ = rec
+        kind, ts, event, rid, user, payload, _, ctx, _, _ = rec
         if kind == EVENT:
-            self.event(rec)
+            self.event(ts, event, rid, user, payload, ctx, rec)
         elif kind == ERROR:
             self._error(rec)
         elif kind == FINISH:
@@ -285,7 +285,8 @@ class Assembler:
         """The open stage span, opened implicitly when a sub-stage or point event needs it."""
         span = req.open.get(stage)
         if span is None:
-            self._end_implicit_before(req, stage)
+            if req.open:
+                self._end_implicit_before(req, stage)
             span = self._open(req, stage, stage, ts, implicit=True)
         return span
 
@@ -297,7 +298,7 @@ class Assembler:
 
     def _close(self, req: RequestState, span: SpanState, ts: int, error: str | None = None) -> None:
         req.open.pop(span.name, None)
-        if span.name == span.stage:  # only a stage span has children (its sub-stages)
+        if req.open and span.name == span.stage:  # only a stage span has children (its sub-stages)
             self._close_children(req, span, ts, "unterminated: its stage ended first")
         span.end_ns = ts if ts > span.start_ns else span.start_ns
         if error and not span.error:
@@ -337,9 +338,18 @@ class Assembler:
         span.events.append((A.ANOMALY, ts, {A.ANOMALY: what, "fastdeploy.event": event}))
 
     # ---- record handlers -----------------------------------------------------------------------
-    def event(self, rec: Record) -> None:
-        """An EVENT record: what handle() does with one, without its dispatch (a replay's hot path)."""
-        _, ts, event, rid, user, kwargs, _, ctx, _, _ = rec
+    def event(
+        self,
+        ts: int,
+        event: LoggingEventName,
+        rid: str,
+        user: object,
+        kwargs: dict[str, Any] | None,
+        ctx: Context | None,
+        rec: Record | None,
+    ) -> None:
+        """An EVENT record, its fields as arguments (a replay has no record to build and unpack);
+        `rec`, the record itself, for its mirror line (a replay makes none: None)."""
         req = self.requests.get(rid)
         if req is None:
             req = self._request(rid, ts, user, ctx, event in _OPENING)
@@ -368,15 +378,17 @@ class Assembler:
                 span = found
                 span.implicit = False
                 span.attributes.pop(A.IMPLICIT_START, None)
-                span.attributes.update(attrs)
+                if attrs:
+                    span.attributes.update(attrs)
             elif found is not None:
                 span = found
                 self._anomaly(span, "duplicate_start", ts, _NAME[event])
             else:
-                if step.is_stage:
+                if step.is_stage and req.open:
                     self._end_implicit_before(req, step.span)
                 span = self._open(req, step.span, step.stage, ts)
-                span.attributes.update(attrs)
+                if attrs:
+                    span.attributes.update(attrs)
         elif action is _CLOSE:
             closing = req.open.get(step.span)
             if closing is not None:
@@ -386,7 +398,8 @@ class Assembler:
                 span = self._open(req, step.span, step.stage, ts)
                 span.attributes[A.ANOMALY] = "end_without_start"
                 self.counters["anomalies"] += 1
-            span.attributes.update(attrs)
+            if attrs:
+                span.attributes.update(attrs)
             self._close(req, span, ts)
             for extra in step.also_closes:
                 if extra in req.open:
@@ -397,7 +410,7 @@ class Assembler:
             span.last_ns = ts
             if action is _POINT_CLOSE:
                 self._close(req, span, ts)
-        if self._mirror:
+        if self._mirror and rec is not None:
             self._line(rec, req, span.span_id, _STAGE[event])
 
     def _innermost(self, req: RequestState) -> SpanState | None:

@@ -23,7 +23,7 @@ opened stage ends with its last activity instead of being reported as unterminat
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from .events import EVENT_TO_STAGE_MAP, StageName
@@ -60,9 +60,11 @@ class Step:
     # Extra spans this event also ends (INFERENCE_END ends a PREFILL left open).
     also_closes: tuple[str, ...] = ()
 
-    @property
-    def is_stage(self) -> bool:
-        return self.span == self.stage
+    # `span` is itself a stage: set from the fields, a plain attribute (a property is a call on every event)
+    is_stage: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "is_stage", self.span == self.stage)
 
 
 def _pairs() -> dict[E, Step]:

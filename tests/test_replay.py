@@ -18,10 +18,11 @@ import fastdeploy_otel as fdt
 from fastdeploy_otel.events import LoggingEventName as E
 from fastdeploy_otel.span_plan import REQUEST_SPAN_NAME
 from fastdeploy_otel.tools import cli
+from fastdeploy_otel.tools.logfiles import read_blocks
 from fastdeploy_otel.tools.replay import base_request_id
 from fastdeploy_otel.tools.spans import Span, read_spans
 from fastdeploy_otel.tools.spanstates import JsonLinesWriter, to_span
-from fastdeploy_otel.tools.tracelog import parse, parse_many
+from fastdeploy_otel.tools.tracelog import parse, parse_many, split_lines
 from tests.support.fdlogs import FdLog
 from tests.support.lifecycles import MIXED, PD_DECODE, PD_PREFILL
 
@@ -294,8 +295,8 @@ def test_line_formats_parse_to_the_same_values():
     assert parsed is not None and parsed.span_id == 0 and parsed.trace_id == 0xB3A91F27C4D05E6A
 
 
-def test_a_list_of_lines_parses_as_each_line_does():
-    """parse_many (one regex pass over a list) gives what parse gives line by line, damage included."""
+def test_a_block_of_lines_parses_as_each_line_does():
+    """parse_many (one regex pass over a block) gives what parse gives line by line, damage included."""
     fd = ("INFO     2026-04-28 10:15:02,131 81190 common_engine.py[line:1287] [thread=1] [thread_name=T] "
           "[timestamp=1777342502131] [request_id=chatcmpl-7c1e_0] [user_id=None] [event=REQUEST_QUEUE_START] "
           "[stage=SCHEDULE] [trace_id=0000000000000000b3a91f27c4d05e6a] \n")
@@ -309,8 +310,32 @@ def test_a_list_of_lines_parses_as_each_line_does():
     for _ in range(200):
         lines = [rnd.choice(variants[:1] * 8 + variants) for _ in range(rnd.randint(1, 40))]
         lines = [t if t.endswith("\n") else t + "\n" for t in lines[:-1]] + lines[-1:]
-        assert parse_many(lines) == [parse(t) for t in lines]
-    assert parse_many([fd] * 3) == [parse(fd)] * 3 and parse_many([]) == []
+        assert split_lines("".join(lines)) == lines
+        assert parse_many("".join(lines)) == [parse(t) for t in lines]
+    assert parse_many(fd * 3) == [parse(fd)] * 3 and parse_many("") == []
+
+
+def test_blocks_of_a_file_parse_as_its_lines_do(tmp_path):
+    """read_blocks cuts a file at line ends only, whatever straddles a read (a line longer than a read,
+    a line too long to use, CRLF, no final newline, gzip), and parse_many over its blocks gives what
+    parse gives line by line."""
+    fd = ("INFO     2026-04-28 10:15:02,131 81190 common_engine.py[line:1287] [thread=1] [thread_name=T] "
+          "[timestamp=1777342502131] [request_id=chatcmpl-7c1e_0] [user_id=None] [event=REQUEST_QUEUE_START] "
+          "[stage=SCHEDULE] [trace_id=unknown] \n")
+    variants = [fd, fd.replace("chatcmpl-7c1e_0", "r" * 40_000), fd.replace("chatcmpl-7c1e_0", "r" * 70_000),
+                fd.replace(" \n", "\r\n"), fd.replace("[user_id=None]", "[user_id=Nonesuch]"), "\n", fd[:90] + "\n"]
+    rnd = random.Random(7)
+    lines = [rnd.choice(variants[:1] * 20 + variants) for _ in range(600)] + [fd.rstrip("\n")]
+    text = "".join(lines)
+    for name, opener in (("trace.log", open), ("trace.log.gz", gzip.open)):
+        path = tmp_path / name
+        with opener(path, "wt", encoding="utf-8", newline="") as f:
+            f.write(text)
+        errors: list[str] = []
+        blocks = list(read_blocks(str(path), errors.append))
+        assert not errors and "".join(blocks) == text and len(blocks) > 10
+        assert all(b.endswith("\n") for b in blocks[:-1])
+        assert [line for b in blocks for line in parse_many(b)] == [parse(t) for t in lines]
 
 
 def test_json_lines_read_back_as_the_spans_made_directly(tmp_path):

@@ -16,10 +16,10 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import TextIO
 
-__all__ = ["STDIN", "find_logs", "is_trace_log", "open_text", "read_lines"]
+__all__ = ["STDIN", "find_logs", "is_trace_log", "open_text", "read_blocks"]
 
 STDIN = "-"
-_CHUNK = 16 << 10  # characters of lines read at a time
+_CHUNK = 32 << 10  # characters read at a time: a block stays within tracelog.MAX_LINE, its fast path
 _NAME = re.compile(r"^trace(?:_logger)?\.log(?:\.\d{4}-\d\d-\d\d|\.\d+)?(?:\.gz)?$")
 
 
@@ -69,16 +69,29 @@ def open_text(path: str) -> TextIO:
     return io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="\n")
 
 
-def read_lines(path: str, on_error: Callable[[str, int, str], None]) -> Iterator[list[str]]:
-    """The lines of `path` in lists of about _CHUNK characters (one call per list, not per line); an
-    open or read failure is passed to `on_error` (path, line number, what) and ends the file.  The
-    lines of the list being read when it failed are lost, as the text of the block being decoded
-    always was."""
-    lineno = 0
+def read_blocks(path: str, on_error: Callable[[str], None]) -> Iterator[str]:
+    """The text of `path` in blocks of whole lines, about _CHUNK characters each: no str per line is
+    made (nor joined again) before the parser's one pass over a block.  Each block ends at a newline
+    but the file's last.  An open or read failure is passed to `on_error` (what happened) and ends
+    the file; the lines of the block being read when it failed are lost, as the text of the block
+    being decoded always was.  Lines are not counted here (a count is a pass over the text): the
+    caller knows how many it has had."""
     try:
         with open_text(path) as f:
-            while lines := f.readlines(_CHUNK):
-                lineno += len(lines)
-                yield lines
+            pending: list[str] = []  # a line longer than a read, so far
+            while block := f.read(_CHUNK):
+                end = block.rfind("\n") + 1
+                if not end:
+                    pending.append(block)
+                    continue
+                text = block[:end]
+                if pending:
+                    text = "".join([*pending, text])
+                    pending.clear()
+                if end < len(block):
+                    pending.append(block[end:])
+                yield text
+            if pending:
+                yield "".join(pending)
     except (OSError, EOFError, gzip.BadGzipFile, ValueError) as exc:
-        on_error(path, lineno + 1, f"cannot read further: {type(exc).__name__}: {exc}")
+        on_error(f"cannot read further: {type(exc).__name__}: {exc}")

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from .. import attributes as A
 from .._assembler import Assembler, request_span_id
-from .._records import EVENT, FINISH, SpanState
+from .._records import FINISH, SpanState
 from ..events import LoggingEventName
 from ..span_plan import PLAN, REQUEST_SPAN_NAME, Action
 from .tracelog import TraceLine
@@ -55,11 +55,6 @@ def base_request_id(request_id: str) -> str:
     return request_id
 
 
-def _derive(nbytes: int, *parts: object) -> int:
-    key = "/".join(map(str, parts)).encode("utf-8", "surrogatepass")
-    return int.from_bytes(hashlib.blake2b(key, digest_size=nbytes).digest(), "big") or 1
-
-
 _GOLDEN = 0x9E3779B97F4A7C15
 _M64 = (1 << 64) - 1
 
@@ -77,6 +72,8 @@ def _target(step_name: LoggingEventName, open_spans: dict[str, SpanState]) -> st
 class ReplayIds:
     """The assembler's ids during a replay: from the line being fed where it has them, else derived."""
 
+    __slots__ = ("line", "preset", "_opened")  # `line` is set for every line fed
+
     def __init__(self) -> None:
         self.line: TraceLine | None = None
         self.preset: str = ""  # the span name the line's span_id is for
@@ -86,7 +83,8 @@ class ReplayIds:
         line = self.line
         if line is not None and line.trace_id:
             return line.trace_id
-        return _derive(16, "trace", request_id, ts_ns // 1_000_000)
+        key = f"trace/{request_id}/{ts_ns // 1_000_000}".encode("utf-8", "surrogatepass")
+        return int.from_bytes(hashlib.blake2b(key, digest_size=16).digest(), "big") or 1
 
     def span_id(self, trace_id: int, request_id: str, name: str, ts_ns: int) -> int:
         line = self.line
@@ -187,7 +185,7 @@ class Replayer:
                 ids.preset = _target(event, req.open if req is not None else {})
                 if req is not None:
                     self._pin_span(key, ids.preset, span_id)
-            event_record((EVENT, ts, event, key, user, None, _NO_THREAD, None, "", 0))  # type: ignore[arg-type]
+            event_record(ts, event, key, user, None, None, None)
             if trace_id:
                 pinned.add(key)
             if ts > last_ns:

@@ -25,12 +25,12 @@ from typing import Any, TextIO, cast
 from .._records import SpanState
 from ..version import __version__
 from .follow import Follower
-from .logfiles import STDIN, find_logs, read_lines
+from .logfiles import STDIN, find_logs, read_blocks
 from .ordering import HeldLines, merge, reorder
 from .replay import Replayer, base_request_id
 from .spans import Span
 from .spanstates import JsonLinesWriter, to_span
-from .tracelog import TraceLine, parse, parse_many, why_bad
+from .tracelog import TraceLine, parse, parse_many, split_lines, why_bad
 
 __all__ = ["Options", "parse_time", "run"]
 
@@ -222,19 +222,23 @@ class _Run:
         filtering = self.opts.since_ms is not None or self.opts.until_ms is not None or self.opts.request_ids
         wanted = self.wanted
         lineno = 0
-        for texts in read_lines(path, self.damage.read_error):
-            parsed = parse_many(texts)
+
+        def read_error(why: str) -> None:
+            self.damage.read_error(path, lineno + 1, why)
+
+        for text in read_blocks(path, read_error):
+            parsed = parse_many(text)
             # all(): no None, i.e. no line parse() could not use
-            lines = cast("list[TraceLine]", parsed) if all(parsed) else self._usable(path, lineno, texts, parsed)
+            lines = cast("list[TraceLine]", parsed) if all(parsed) else self._usable(path, lineno, text, parsed)
             if filtering:
                 lines = [line for line in lines if wanted(line.ts_ms, line.request_id)]
-            lineno += len(texts)
+            lineno += len(parsed)
             yield lines
 
-    def _usable(self, path: str, lineno: int, texts: list[str], lines: list[TraceLine | None]) -> list[TraceLine]:
-        """`lines` without the Nones, each reported (a blank line is passed over)."""
+    def _usable(self, path: str, lineno: int, block: str, lines: list[TraceLine | None]) -> list[TraceLine]:
+        """`lines` (of `block`) without the Nones, each reported (a blank line is passed over)."""
         out = []
-        for i, (text, line) in enumerate(zip(texts, lines, strict=True), lineno + 1):
+        for i, (text, line) in enumerate(zip(split_lines(block), lines, strict=True), lineno + 1):
             if line is not None:
                 out.append(line)
             elif text.strip():

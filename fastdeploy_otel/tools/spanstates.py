@@ -47,9 +47,14 @@ def _any_value(v: Any) -> str:
 
 
 # The same few (key, string) pairs recur on every span of a request and every request, and the
-# same few dozen span and event names on every span: each is encoded once.
+# same few dozen span and event names on every span: each is encoded once, names with the constant
+# text around them.
 _kv_cache: dict[tuple[str, object], str] = {}
-_names: dict[str, str] = {}
+_span_heads: dict[str, str] = {}
+_event_heads: dict[str, str] = {}
+_NAME = '","name":'  # a name follows a value in quotes: a span's id, an event's time
+_AFTER_SPAN_NAME = f',"kind":{_SPAN_KIND_INTERNAL},"startTimeUnixNano":"'
+_AFTER_EVENT_NAME = ',"attributes":['
 
 
 def _attributes(attrs: Mapping[str, Any]) -> str:
@@ -69,37 +74,39 @@ def _attributes(attrs: Mapping[str, Any]) -> str:
     return ",".join(out)
 
 
-def _name(name: str) -> str:
-    encoded = _names.get(name)
-    if encoded is None:
-        if len(_names) > _CACHE_MAX:
-            _names.clear()
-        encoded = _names[name] = _string(name)
-    return encoded
+def _cached(cache: dict[str, str], name: str, before: str, after: str) -> str:
+    """`name` as a JSON string between `before` and `after`, encoded on its first use."""
+    text = cache.get(name)
+    if text is None:
+        if len(cache) > _CACHE_MAX:
+            cache.clear()
+        text = cache[name] = before + _string(name) + after
+    return text
 
 
-def _span(s: SpanState, trace_id: str) -> str:
-    """One span; `trace_id`: its trace id as 32 hex digits (shared by the spans of a request)."""
-    names = _names  # a name is looked up inline; _name only on a miss (its result is never empty)
-    parent = f',"parentSpanId":"{s.parent_id:016x}"' if s.parent_id else ""
+def _span(s: SpanState, head: str) -> str:
+    """One span; `head`: its opening up to the span id (the trace id, shared by a request's spans).
+    Ids are OTel's 64 and 128 bits wide; ``to_bytes().hex()`` formats them at a third of ``:016x``'s cost."""
     events = ""
     if s.events:
+        heads = _event_heads  # looked up inline; _cached only on a miss (its result is never empty)
         events = (
             ',"events":['
             + ",".join(
                 [
-                    f'{{"timeUnixNano":"{ts}","name":{names.get(name) or _name(name)},'
-                    f'"attributes":[{_attributes(attrs) if attrs else ""}]}}'
+                    f'{{"timeUnixNano":"{ts}{heads.get(name) or _cached(heads, name, _NAME, _AFTER_EVENT_NAME)}'
+                    f"{_attributes(attrs) if attrs else ''}]}}"
                     for name, ts, attrs in s.events
                 ]
             )
             + "]"
         )
+    parent = '","parentSpanId":"' + s.parent_id.to_bytes(8, "big").hex() if s.parent_id else ""
     status = f'{{"code":{STATUS_ERROR},"message":{_string(s.error)}}}' if s.error else "{}"
+    name = _span_heads.get(s.name) or _cached(_span_heads, s.name, _NAME, _AFTER_SPAN_NAME)
     return (
-        f'{{"traceId":"{trace_id}","spanId":"{s.span_id:016x}"{parent},"name":{names.get(s.name) or _name(s.name)},'
-        f'"kind":{_SPAN_KIND_INTERNAL},"startTimeUnixNano":"{s.start_ns}","endTimeUnixNano":"{s.end_ns}",'
-        f'"attributes":[{_attributes(s.attributes)}]{events},"status":{status}}}'
+        f"{head}{s.span_id.to_bytes(8, 'big').hex()}{parent}{name}{s.start_ns}"
+        f'","endTimeUnixNano":"{s.end_ns}","attributes":[{_attributes(s.attributes)}]{events},"status":{status}}}'
     )
 
 
@@ -124,11 +131,11 @@ def _encode(spans: Iterable[SpanState], resource: Mapping[str, Any], scope: tupl
         + '},"spans":['
     )
     out = []
-    last, hex_id = -1, ""
+    last, span_head = -1, ""
     for s in spans:
         if s.trace_id != last:  # spans come a request at a time
-            last, hex_id = s.trace_id, f"{s.trace_id:032x}"
-        out.append(_span(s, hex_id))
+            last, span_head = s.trace_id, '{"traceId":"' + s.trace_id.to_bytes(16, "big").hex() + '","spanId":"'
+        out.append(_span(s, span_head))
     if not out:
         return head + tail
     out[0] = head + out[0]  # the head and the tail join the first and last spans: no comma between

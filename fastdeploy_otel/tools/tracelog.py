@@ -22,7 +22,7 @@ from typing import NamedTuple
 from ..events import _LOOKUP, LoggingEventName, lookup
 from ..mirror import unescape
 
-__all__ = ["MAX_LINE", "TraceLine", "parse", "parse_many", "why_bad"]
+__all__ = ["MAX_LINE", "TraceLine", "parse", "parse_many", "split_lines", "why_bad"]
 
 _lookup = _LOOKUP.get  # names only reach it: strings, always hashable
 _new = tuple.__new__  # a NamedTuple without its generated __new__: a third of the cost of a line
@@ -89,32 +89,44 @@ def _hex(value: str | None, digits: int = 32) -> int:
 # agrees on every line this accepts (unless its header, before [timestamp=], is damaged: _fields
 # reads fields there too).  A value is any run of characters but "]": a class of one character, sre's
 # fastest repeat; possessive where the re module has it (3.11): the same matches, less bookkeeping.
+# FastDeploy's "no user", None, is matched but not captured: no str made, hashed and mapped per line.
 _P = "+" if sys.version_info >= (3, 11) else ""
 _COMMON = re.compile(
-    rf"\[timestamp=([0-9]+{_P})\] \[request_id=([^\]]+{_P})\] (?:\[user_id=([^\]]+{_P})\] )?"
+    rf"\[timestamp=([0-9]+{_P})\] \[request_id=([^\]]+{_P})\] (?:\[user_id=(?:None\] |([^\]]+{_P})\] ))?"
     rf"\[event=([^\]]+{_P})\] \[stage=[^\]]*{_P}\]"
     r"(?: \[trace_id=(?:unknown|([0-9a-f]{1,32}))\])?(?: \[span_id=([0-9a-f]{1,16})\])?"
     rf"[ \t\r\f\v]*{_P}(?:\n|\Z)"
 )
 _search = _COMMON.search
 _findall = _COMMON.findall
-_NO_USER = {"": None, "None": None}  # FastDeploy writes "None"; findall gives "" for a missing field
+_NO_USER = {"": None}  # findall gives "" for a missing field (or FastDeploy's None)
 
 
-def parse_many(texts: list[str]) -> list[TraceLine | None]:
-    """[parse(t) for t in texts], for lines as a file holds them (each but a last one ending in a
-    newline).  When every line has the common shape: one regex pass over the joined lines and a few
-    passes in C, no Python call per line; else line by line."""
-    if not texts:
+def split_lines(text: str) -> list[str]:
+    """The lines of `text` as a file holds them: each ending at a newline ("\\n" only, as
+    ``open(newline="\\n")`` reads them), but a last one without."""
+    lines = text.split("\n")
+    last = lines.pop()
+    lines = [line + "\n" for line in lines]
+    if last:
+        lines.append(last)
+    return lines
+
+
+def parse_many(text: str) -> list[TraceLine | None]:
+    """[parse(t) for t in split_lines(text)], for a block of lines as a file holds them.  When every
+    line has the common shape: one regex pass over the block and a few passes in C, no Python call
+    (nor str) per line; else line by line."""
+    if not text:
         return []
-    joined = "".join(texts)
-    found = _findall(joined)
-    # A match ends at a line's end, so as many matches as lines means one within each line.
-    if len(found) == len(texts) and max(map(len, texts)) <= MAX_LINE:
+    found = _findall(text)
+    # A match ends at a line's end, so as many matches as lines means one within each line; a block
+    # no longer than MAX_LINE holds no line longer than it.
+    if len(found) == text.count("\n") + (text[-1] != "\n") and len(text) <= MAX_LINE:
         stamps, rids, users, names, trace_ids, span_ids = zip(*found, strict=True)
         events = list(map(_lookup, names))
         ms = list(map(int, stamps))
-        if None not in events and min(ms) > 0 and (not any(span_ids) or "\\" not in joined):
+        if None not in events and min(ms) > 0 and (not any(span_ids) or "\\" not in text):
             return list(
                 map(
                     _new,
@@ -123,14 +135,14 @@ def parse_many(texts: list[str]) -> list[TraceLine | None]:
                         ms,
                         rids,
                         events,
-                        map(_NO_USER.get, users, users),
+                        map(_NO_USER.get, users, users) if any(users) else repeat(None),
                         [int(t, 16) if t else 0 for t in trace_ids] if any(trace_ids) else repeat(0),
                         [int(t, 16) if t else 0 for t in span_ids] if any(span_ids) else repeat(0),
                         strict=False,  # repeat(0): a column of zeros
                     ),
                 )
             )
-    return list(map(parse, texts))
+    return list(map(parse, split_lines(text)))
 
 
 def parse(text: str) -> TraceLine | None:
