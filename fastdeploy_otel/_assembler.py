@@ -21,7 +21,19 @@ from opentelemetry.context import Context
 
 from . import attributes as A
 from ._propagation import Carried, CarrierError, HandedSpan, decode, encode
-from ._records import ABORT, ERROR, EVENT, EXTRACT, FINISH, SPAN_EVENT, ErrorLog, MirrorRecord, Record, SpanState
+from ._records import (
+    ABORT,
+    ERROR,
+    EVENT,
+    EXTRACT,
+    FINISH,
+    SPAN_EVENT,
+    ErrorLog,
+    MirrorRecord,
+    Record,
+    SpanState,
+    new_record,
+)
 from ._selflog import get_logger
 from .events import EVENT_TO_STAGE_MAP, LoggingEventName
 from .span_plan import CROSS_PROCESS_STAGES, PLAN, REQUEST_SPAN_NAME, STAGE_ORDER, Action
@@ -318,18 +330,21 @@ class Assembler:
     def _line(self, rec: Record, req: RequestState, span_id: int, stage: str) -> None:
         _, ts, event, rid, user, _, thread, _, filename, lineno = rec
         self.lines.append(
-            MirrorRecord(
-                ts,
-                filename,
-                lineno,
-                thread.ident or 0,
-                thread.name,
-                rid,
-                user,
-                _NAME[event],
-                stage,
-                req.trace_id,
-                span_id,
+            new_record(
+                MirrorRecord,
+                (
+                    ts,
+                    filename,
+                    lineno,
+                    thread.ident or 0,
+                    thread.name,
+                    rid,
+                    user,
+                    _NAME[event],
+                    stage,
+                    req.trace_id,
+                    span_id,
+                ),
             )
         )
 

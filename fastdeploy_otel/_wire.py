@@ -16,7 +16,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
 from ._limits import Limits, limit_attributes
-from ._records import SpanState
+from ._records import SpanState, new_record
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _INTERNAL = SpanKind.INTERNAL.value
@@ -47,13 +47,9 @@ class WireSpan(NamedTuple):
     trace_state: str = ""  # the W3C tracestate an SDK span carries (a caller's, on the HTTP span)
 
 
-# A NamedTuple's own constructor is a Python function; tuple.__new__ makes the same object in C.
-_new_wire: Any = tuple.__new__
-
-
 def wire_of_state(s: SpanState, scope: tuple[str, str | None]) -> WireSpan:
     """One of our assembled spans, as it is: the child applies the span limits."""
-    return _new_wire(WireSpan, (
+    return new_record(WireSpan, (
         s.name, s.trace_id, s.span_id, s.parent_id, s.parent_remote, _INTERNAL, s.start_ns, s.end_ns,
         s.attributes, s.events, (), 2 if s.error else 0, s.error, scope, "",
     ))  # fmt: skip
@@ -62,7 +58,7 @@ def wire_of_state(s: SpanState, scope: tuple[str, str | None]) -> WireSpan:
 def wire_of_span(span: ReadableSpan) -> WireSpan:
     """A span the SDK made (the HTTP server span, or one of ours with an exception recorded)."""
     ctx, parent, scope, status = span.context, span.parent, span.instrumentation_scope, span.status
-    return _new_wire(WireSpan, (
+    return new_record(WireSpan, (
         span.name,
         ctx.trace_id if ctx else 0,
         ctx.span_id if ctx else 0,
