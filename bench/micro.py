@@ -123,28 +123,25 @@ def replay_fdt(rids: Sequence[str], lifecycle=MIXED, finish: bool = True) -> Non
 
 def replay_serving_shaped(rids: Sequence[str]) -> None:
     """MIXED as serving does it, for the prediction of serving's CPU: an HTTP SERVER span around
-    each request (what ``minifd.http_spans`` makes) and the two carrier hand-overs (PREPROCESSING
-    to the engine, POSTPROCESSING back), as inject() and extract() in this one process."""
+    each request (``fdt.start_server_span``, what ``minifd.http_spans`` makes) and the two carrier
+    hand-overs (PREPROCESSING to the engine, POSTPROCESSING back), as inject() and extract() in this
+    one process."""
     from opentelemetry import context as otel_context
     from opentelemetry import trace
-    from opentelemetry.trace import SpanKind
 
-    provider = fdt.get_tracer_provider()
-    tracer = provider.get_tracer("bench.http") if provider is not None else trace.get_tracer("bench.http")
     tp, fin, inject, extract = fdt.trace_print, fdt.finish_request, fdt.inject, fdt.extract
     handed = (E.PREPROCESSING_START, E.POSTPROCESSING_START)
     attrs = {"http.request.method": "POST", "url.path": "/v1/completions", "url.scheme": "http",
              "client.address": "127.0.0.1"}
     for rid in rids:
-        span = tracer.start_span("POST /v1/completions", kind=SpanKind.SERVER, attributes=attrs)
+        span = fdt.start_server_span("POST /v1/completions", attributes=attrs)
         token = otel_context.attach(trace.set_span_in_context(span))
         for ev, kw in MIXED:
             tp(ev, rid, None, **kw)
             if ev in handed:
                 extract(rid, inject(rid))
         fin(rid)
-        span.set_attribute("http.route", "/v1/completions")
-        span.set_attribute("http.response.status_code", 200)
+        span.set_attributes({"http.route": "/v1/completions", "http.response.status_code": 200})
         span.end()
         otel_context.detach(token)
 

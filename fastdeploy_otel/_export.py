@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from opentelemetry import trace
@@ -30,14 +30,15 @@ from opentelemetry.sdk.trace.sampling import (
     TraceIdRatioBased,
 )
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
+from . import _server_span
 from ._channel import THREAD_PREFIX as _THREAD_PREFIX
 from ._channel import ExportChannel, run_with_deadline
 from ._limits import Limits
 from ._records import SpanState
 from ._selflog import get_logger
-from ._wire import Rebuilder, wire_of_state
+from ._wire import Rebuilder, WireSpan, wire_of_state
 from .config import DEFAULT_SERVICE_NAME, Settings
 from .version import __version__
 
@@ -287,13 +288,24 @@ class OtelSink:
         self.built += 1
 
     def _hand_over(self, s: SpanState) -> None:
-        w = wire_of_state(s, self._scope_key)
+        self.offer_wire(wire_of_state(s, self._scope_key))
+
+    def offer_wire(self, w: WireSpan) -> None:
+        """A finished span of ours as plain values, to every exporter (any thread; never blocks)."""
         if self.process is not None:  # as it is: the export process applies the limits
             self.process.offer(w)
         if self._span_channels:
             span = self._rebuild(w)
             for channel in self._span_channels:
                 channel.on_end(span)
+
+    def start_server_span(self, name: str, context: Context | None, attributes: Mapping[str, Any] | None) -> Span:
+        """A SERVER span through the pipeline (``_server_span``); an SDK span under an application's
+        provider, whose processors must see it."""
+        if self.attached:
+            tracer = self.provider.get_tracer(SCOPE, __version__)
+            return tracer.start_span(name, context=context, kind=SpanKind.SERVER, attributes=attributes)
+        return _server_span.start(self.offer_wire, self.should_sample, self._scope_key, name, context, attributes)
 
     def pump(self) -> None:
         """Send what the export process has not had yet (the worker calls this at every flush)."""

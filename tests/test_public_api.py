@@ -26,6 +26,7 @@ PUBLIC = [
     "record_error",
     "settings",
     "shutdown",
+    "start_server_span",
     "stats",
     "trace_print",
     "trace_print_for_caller",

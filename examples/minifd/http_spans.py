@@ -6,7 +6,9 @@ it decodes every header for each of its ~10 lookups, walks the routes for the ro
 a dozen attributes and metrics per request.  What the trace needs from it is small: the caller's
 ``traceparent`` continued, a SERVER span named ``{method} {route}`` with the stable HTTP semantic
 convention attributes, the status code, and ERROR on a 5xx.  That is what this middleware does.
-``MINIFD_HTTP_SPANS=contrib`` selects ``FastAPIInstrumentor`` instead, ``off`` none.
+The span itself is ``fastdeploy_otel.start_server_span``: an SDK span was still a third of all
+tracing's instructions in this server (docs/BENCHMARKS.md).  ``MINIFD_HTTP_SPANS=contrib`` selects
+``FastAPIInstrumentor`` instead, ``off`` none.
 """
 
 from __future__ import annotations
@@ -15,18 +17,18 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Status, StatusCode
 
-_SCOPE = "minifd.http"
+import fastdeploy_otel as fdt
+
 _PROPAGATED = (b"traceparent", b"tracestate", b"baggage")
 
 
 class ServerSpans:
     """ASGI middleware: a SERVER span around each HTTP request not in `excluded_paths`."""
 
-    def __init__(self, app: Any, tracer_provider: trace.TracerProvider, excluded_paths: tuple[str, ...] = ()) -> None:
+    def __init__(self, app: Any, excluded_paths: tuple[str, ...] = ()) -> None:
         self.app = app
-        self.tracer = tracer_provider.get_tracer(_SCOPE)
         self.excluded = frozenset(excluded_paths)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -37,10 +39,9 @@ class ServerSpans:
         parent = propagate.extract(carrier) if carrier else None
         method, path = scope["method"], scope["path"]
         client = scope.get("client")
-        span = self.tracer.start_span(
+        span = fdt.start_server_span(
             f"{method} {path}",
             context=parent,
-            kind=SpanKind.SERVER,
             attributes={
                 "http.request.method": method,
                 "url.path": path,

@@ -552,7 +552,7 @@ def instrument(app: FastAPI) -> None:
         logging.getLogger(__name__).error("MINIFD_HTTP_SPANS=%r is not one of lean, contrib, off; using lean", choice)
     from .http_spans import ServerSpans
 
-    app.add_middleware(ServerSpans, tracer_provider=provider, excluded_paths=("/health", "/metrics"))
+    app.add_middleware(ServerSpans, excluded_paths=("/health", "/metrics"))
 
 
 def main(argv: list[str] | None = None) -> None:
