@@ -66,23 +66,29 @@ def _count(variant: str, n: int, endpoint: str, cwd: str) -> tuple[int, int]:
     """(instructions of the driver process, of all processes) for `n` requests."""
     out = tempfile.mkdtemp(prefix="bench-cg-")
     try:
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             ["valgrind", "--tool=callgrind", "--trace-children=yes", f"--callgrind-out-file={out}/cg.%p",
              sys.executable, "-c", _DRIVER, variant, str(n), endpoint],
-            cwd=cwd, capture_output=True, text=True, timeout=900,
+            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
+        try:
+            _, stderr = proc.communicate(timeout=900)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, stderr = proc.communicate()
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    counts = [(int(pid), int(ir)) for pid, ir in _COLLECTED.findall(proc.stderr)]
-    if proc.returncode != 0 or not counts:
-        raise RuntimeError(f"callgrind run of {variant} failed ({proc.returncode}): {proc.stderr[-500:]}")
-    first = min(counts)[1]  # the driver is the lowest pid: it started the others
-    return first, sum(ir for _, ir in counts)
+    counts = {int(pid): int(ir) for pid, ir in _COLLECTED.findall(stderr)}
+    if proc.returncode != 0 or proc.pid not in counts:
+        raise RuntimeError(f"callgrind run of {variant} failed ({proc.returncode}): {stderr[-500:]}")
+    return counts[proc.pid], sum(counts.values())  # valgrind runs the driver as the process it started
 
 
 def run_instructions(
     requests: int = 300, base: int = 50, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)
 ) -> dict[str, Any]:
+    if requests % 50 or base % 50 or not base:
+        raise ValueError("requests and base are replayed in chunks of 50: give multiples of 50")
     if shutil.which("valgrind") is None:
         log("  instructions skipped: valgrind is not installed (apt-get install valgrind)")
         return {k: None for k in INSTRUCTION_KEYS}

@@ -211,10 +211,15 @@ class LiveStack:
         self.log_dir = tempfile.mkdtemp(prefix=f"bench-serving-{mode}-")
         endpoint = rx.grpc_endpoint if mode != "off" else None
         t0 = time.monotonic()
-        self.stack = Stack(trace_mode=mode, log_dir=self.log_dir, otlp_endpoint=endpoint, port=0).start()
-        self.startup_s = time.monotonic() - t0
-        self.url = self.stack.base_url.rstrip("/") + "/v1/completions"
-        self.model = served_model(self.stack.base_url)
+        self.stack = Stack(trace_mode=mode, log_dir=self.log_dir, otlp_endpoint=endpoint, port=0)
+        try:
+            self.stack.start()
+            self.startup_s = time.monotonic() - t0
+            self.url = self.stack.base_url.rstrip("/") + "/v1/completions"
+            self.model = served_model(self.stack.base_url)
+        except BaseException:
+            self.close()
+            raise
         self.pids = {role: self.stack.procs[role].pid for role in ROLES}
         # The export side-processes' CPU is reported too: moved off the serving process, not free.
         self.kids = {role: export_children(pid) for role, pid in self.pids.items()}
@@ -245,15 +250,16 @@ class LiveStack:
 
     def close(self) -> dict[str, Any]:
         """Stop the stack (it flushes); what it wrote."""
-        self.stack.stop()
-        out = {
-            "trace_log_bytes": sum(  # each process writes its own trace.log under log_dir/<role>/
-                os.path.getsize(os.path.join(d, f))
-                for d, _, files in os.walk(self.log_dir) for f in files if f.startswith("trace.log")
-            )
-        }
-        shutil.rmtree(self.log_dir, ignore_errors=True)
-        return out
+        try:
+            self.stack.stop()
+            return {
+                "trace_log_bytes": sum(  # each process writes its own trace.log under log_dir/<role>/
+                    os.path.getsize(os.path.join(d, f))
+                    for d, _, files in os.walk(self.log_dir) for f in files if f.startswith("trace.log")
+                )
+            }
+        finally:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
 
 
 def _skipped(reason: str) -> dict[str, Any]:
@@ -337,8 +343,11 @@ def run_serving(
                         f"engine {statistics.median(b['engine_cpu_ms_per_request'] for b in last if b['mode'] == m):.2f}"
                         for m in modes))
             finally:
-                for mode, live in stacks.items():
-                    closed[mode] = live.close()
+                for mode, live in stacks.items():  # every one, whatever the others do
+                    try:
+                        closed[mode] = live.close()
+                    except Exception as exc:
+                        log(f"  stopping the {mode} stack failed: {exc}")
             spans_received = rx.count()  # after the stacks shut down (and flushed)
     except Exception as exc:
         reason = f"serving benchmark failed: {type(exc).__name__}: {exc}"

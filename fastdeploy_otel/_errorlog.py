@@ -99,7 +99,8 @@ class ErrorLogFile:
         rid = escape(e.request_id)
         exc_type, message = escape(exception_type(e.exc)), escape(text(e.exc))
         head = (
-            f"ERROR    {self._asctime(e.ts_ns)} {self._pid:<5} {escape(os.path.basename(e.filename or '<unknown>'))}"
+            f"ERROR    {self._asctime(e.ts_ns // 1_000_000)} {self._pid:<5} "
+            f"{escape(os.path.basename(e.filename or '<unknown>'))}"
             f"[line:{e.lineno}] request[{rid}] failed: {exc_type}: {message} "
             f"[request_id={rid}] [trace_id={e.trace_id:032x}] [span_id={e.span_id:016x}]\n"
         )

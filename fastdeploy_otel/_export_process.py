@@ -51,6 +51,7 @@ _MAX_OUTBOX_BYTES = 64 << 20  # what waits for a slow or restarting child, beyon
 _STATUS_EVERY_S = 1.0  # how often the child's counters are asked for (stats() freshness)
 _BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)  # between restarts of a child that keeps dying
 _MAX_HELD_LOGS = 100
+_EXIT_WAIT_S = 2.0  # for a child that has answered close to exit (it writes nothing more)
 _REPLY_MARGIN_S = 0.25  # the child stops this long before the parent's deadline, so its last counters arrive
 _COUNTERS = ("exported", "failed", "dropped", "lost", "truncated")
 _ENDS = ("exported", "failed", "dropped", "lost")  # where a span the child took ends up
@@ -436,9 +437,9 @@ class ProcessChannel(SpanProcessor):
                 seq = self._send_control("close", max(0.0, deadline - time.monotonic() - _REPLY_MARGIN_S))
                 self._wait_for(seq, deadline)
                 proc = self._proc
-                if proc is not None:  # it answered: it is exiting (slowly only under a profiler)
+                if proc is not None:  # it answered: it is exiting (in 2 s even under a profiler)
                     try:
-                        proc.wait(timeout=max(0.01, deadline - time.monotonic()))
+                        proc.wait(timeout=max(0.01, min(_EXIT_WAIT_S, deadline - time.monotonic())))
                     except subprocess.TimeoutExpired:
                         proc.kill()
                     self._child_gone()

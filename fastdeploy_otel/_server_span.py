@@ -69,23 +69,23 @@ class ServerSpan(trace.Span):
     def set_attributes(self, attributes: Mapping[str, types.AttributeValue]) -> None:
         if not self._ended:
             for key, value in attributes.items():
-                if value is not None:
+                if value is not None and isinstance(key, str):
                     self._attributes[key] = clean(value)
 
     def set_attribute(self, key: str, value: types.AttributeValue) -> None:
-        if not self._ended and value is not None:
+        if not self._ended and value is not None and isinstance(key, str):
             self._attributes[key] = clean(value)
 
     def add_event(
         self, name: str, attributes: types.Attributes = None, timestamp: int | None = None
     ) -> None:  # fmt: skip
         if not self._ended:
-            attrs = {k: clean(v) for k, v in (attributes or {}).items() if v is not None}
-            self._events.append((name, timestamp or time.time_ns(), attrs))
+            attrs = {k: clean(v) for k, v in (attributes or {}).items() if v is not None and isinstance(k, str)}
+            self._events.append((text(name), time.time_ns() if timestamp is None else timestamp, attrs))
 
     def add_link(self, context: SpanContext, attributes: types.Attributes = None) -> None:
-        if not self._ended and context.is_valid:
-            attrs = {k: clean(v) for k, v in (attributes or {}).items() if v is not None}
+        if not self._ended and isinstance(context, SpanContext) and context.is_valid:
+            attrs = {k: clean(v) for k, v in (attributes or {}).items() if v is not None and isinstance(k, str)}
             self._links.append((context.trace_id, context.span_id, attrs))
 
     def update_name(self, name: str) -> None:
@@ -93,11 +93,14 @@ class ServerSpan(trace.Span):
             self._name = name
 
     def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
-        if self._ended or self._status is StatusCode.OK:  # OK is final, as the SDK has it
+        """As the SDK: OK is final, UNSET (and anything that is not a status) is ignored."""
+        if self._ended or self._status is StatusCode.OK:
             return
-        code = status.status_code if isinstance(status, Status) else status
+        code = status
         if isinstance(status, Status):
-            description = status.description
+            code, description = status.status_code, status.description
+        if not isinstance(code, StatusCode) or code is StatusCode.UNSET:
+            return
         self._status = code
         self._description = description if code is StatusCode.ERROR else None
 
@@ -113,8 +116,10 @@ class ServerSpan(trace.Span):
             stack = "".join(traceback.format_exception(type(exception), exception, exception.__traceback__))
         except Exception:  # an exception whose traceback cannot be printed is still recorded
             stack = ""
+        kind = type(exception)
+        module = kind.__module__
         attrs: dict[str, Any] = {
-            "exception.type": type(exception).__name__,
+            "exception.type": f"{module}.{kind.__qualname__}" if module and module != "builtins" else kind.__qualname__,
             "exception.message": text(exception),
             "exception.stacktrace": stack,
             "exception.escaped": str(escaped),
@@ -147,10 +152,10 @@ def start(
     attributes: Mapping[str, Any] | None,
     links: Sequence[Link] = (),
 ) -> trace.Span:
-    """A SERVER span under `context`'s span (a caller's traceparent), sampled as our request spans are."""
-    parent = trace.get_current_span(context).get_span_context() if context is not None else None
-    if parent is not None and not parent.is_valid:
-        parent = None
+    """A SERVER span under `context`'s span (a caller's traceparent; None: the current context, as the
+    SDK reads it), sampled as our request spans are."""
+    current = trace.get_current_span(context).get_span_context()
+    parent = current if current.is_valid else None
     trace_id = parent.trace_id if parent is not None else new_trace_id()
     sampled = should_sample(context, trace_id)
     span_context = SpanContext(

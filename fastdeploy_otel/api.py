@@ -267,7 +267,7 @@ def start_server_span(
     """A SERVER span for the HTTP request around a generation request: set it in the context while
     the request is handled and the request's spans become its children.  `context` holds the caller's
     span (``propagate.extract`` of its headers).  Recorded through the tracing pipeline at about half
-    an SDK span's cost; without OTLP export it is the caller's span itself, not recording."""
+    an SDK span's cost; without OTLP export, a non-recording span with the caller's context."""
     rt = _runtime
     sink = rt.sink if rt is not None else None
     try:
@@ -275,7 +275,8 @@ def start_server_span(
             return sink.start_server_span(text(name), context, attributes)
     except Exception:
         logger.warning("a server span could not be started; the request is traced without it", exc_info=True)
-    return trace.get_current_span(context) if context is not None else trace.INVALID_SPAN
+    # The caller's span context travels on; the span itself is not ours to rename or end.
+    return trace.NonRecordingSpan(trace.get_current_span(context).get_span_context())
 
 
 def get_tracer_provider() -> TracerProvider | None:

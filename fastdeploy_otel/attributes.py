@@ -78,11 +78,14 @@ _INT64 = (-(2**63), 2**63 - 1)
 
 
 def text(value: object) -> str:
-    """str(value), even for an object whose __str__ raises: tracing must not fail on odd input."""
-    if isinstance(value, str):
+    """str(value) as a plain ``str``, even for an object whose __str__ raises: tracing must not fail
+    on odd input, and a str subclass (which may format, compare or hash as it likes) never gets into
+    a line or a key."""
+    if type(value) is str:
         return value
     try:
-        return str(value)
+        out = value if isinstance(value, str) else str(value)
+        return out if type(out) is str else str.__str__(out)
     except Exception:
         return f"<unprintable {type(value).__name__}>"
 

@@ -37,7 +37,7 @@ _SAFE_SPECIALS = frozenset("[]\\")
 
 def escape(value: object) -> str:
     """One field value that cannot break out of its brackets or its line."""
-    text = value if isinstance(value, str) else _text(value)
+    text = value if type(value) is str else _text(value)
     if len(text) <= MAX_VALUE_LEN and text.isprintable() and not (_SAFE_SPECIALS & set(text)):
         return text
     cut = ""
@@ -119,11 +119,13 @@ class LineFormatter:
             thread = _put(
                 self._threads, (thread_id, thread_name), f"[thread={thread_id}] [thread_name={escape(thread_name)}] "
             )
-        # Only a str or None user is cached: 1, 1.0 and True would share a key.
-        who = self._who.get((request_id, user)) if user is None or type(user) is str else None
+        # Only plain str ids and a str or None user are cached: 1, 1.0 and True would share a key,
+        # and a str subclass may hash or compare as it likes.
+        cached = type(request_id) is str and (user is None or type(user) is str)
+        who = self._who.get((request_id, user)) if cached else None
         if who is None:
             who = f"[request_id={escape(request_id)}] " + ("" if user == "" else f"[user_id={escape(user)}] ")
-            if user is None or type(user) is str:
+            if cached:
                 _put(self._who, (request_id, user), who)
         trace = self._hex.get(trace_id)
         if trace is None:
@@ -148,6 +150,7 @@ class TraceLogMirror:
         self.file = DatedFile(os.path.join(log_dir, file_name), backup_count)
         self.path = self.file.path
         self._format = LineFormatter()
+        self._unformattable = 0
 
     @property
     def lines_written(self) -> int:
@@ -155,23 +158,25 @@ class TraceLogMirror:
 
     @property
     def lines_failed(self) -> int:
-        return self.file.lines_failed
+        return self.file.lines_failed + self._unformattable
 
     def write(self, records: list[MirrorRecord]) -> None:
         """One write per batch: the lines of concurrent processes never interleave mid-line."""
         if not records:
             return
         try:
-            text = "\n".join(map(self._format, records))
+            lines = list(map(self._format, records))
         except Exception:  # a bad record: line by line, so that it costs only itself
-            text = "\n".join(map(self._line, records))
-        self.file.write(text + "\n", len(records))
+            lines = [line for line in map(self._line, records) if line is not None]
+        if lines:
+            self.file.write("\n".join(lines) + "\n", len(lines))
 
-    def _line(self, record: MirrorRecord) -> str:
+    def _line(self, record: MirrorRecord) -> str | None:
         try:
             return self._format(record)
         except Exception:  # one bad record must not cost the batch
             logger.warning("a trace.log line could not be formatted; written with its values as text", exc_info=True)
+        try:
             return self._format(
                 record._replace(
                     user=_text(record.user),
@@ -180,6 +185,9 @@ class TraceLogMirror:
                     filename="<unknown>",
                 )
             )
+        except Exception:  # not even as text: the line is lost, and counted
+            self._unformattable += 1
+            return None
 
     def close(self) -> None:
         self.file.close()

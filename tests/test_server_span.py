@@ -65,7 +65,7 @@ def test_server_span_is_the_parent_of_the_request_and_child_of_the_caller(traced
     assert http.is_error and http.status_message == "engine gone"
     assert [e["name"] for e in http.events] == ["first_chunk", "exception"]
     exc = http.events[1]["attributes"]
-    assert exc["exception.type"] == "RuntimeError" and exc["exception.message"] == "engine gone"
+    assert exc["exception.type"] == "RuntimeError"  # builtins unqualified, others module-qualified and exc["exception.message"] == "engine gone"
     assert "Traceback (most recent call last)" in exc["exception.stacktrace"]
     assert http.start_ns <= request.start_ns and request.end_ns <= http.end_ns
     assert http.scope == "fastdeploy_otel"
@@ -96,4 +96,50 @@ def test_without_otlp_export_the_callers_span_is_returned(traced):
     parent = _caller()
     span = fdt.start_server_span("GET /x", context=parent)
     assert not span.is_recording() and span.get_span_context().span_id == int(CALLER_SPAN, 16)
-    assert fdt.start_server_span("GET /x") is trace.INVALID_SPAN
+    assert not fdt.start_server_span("GET /x").get_span_context().is_valid
+
+
+def test_status_rules_and_bad_input_are_those_of_the_sdk(traced, receiver):
+    traced()
+    span = fdt.start_server_span("GET /status")
+    span.set_status(StatusCode.ERROR, "broken")
+    span.set_status(StatusCode.UNSET)  # ignored, as the SDK ignores it
+    span.set_status(None)  # type: ignore[arg-type]  # not a status: ignored, and the span still exports
+    span.set_attribute(("not", "a", "str"), 1)  # type: ignore[arg-type]
+    span.add_link(None)  # type: ignore[arg-type]
+    span.add_event("at-zero", timestamp=0)
+    span.end()
+    fdt.flush()
+    spans = receiver.store.wait_for(lambda s: any(x.name == "GET /status" for x in s))
+    (got,) = [s for s in spans if s.name == "GET /status"]
+    assert got.is_error and got.status_message == "broken"
+    assert got.events[0]["time_ns"] == 0
+
+
+def test_without_a_context_the_current_span_is_the_parent(traced, receiver):
+    traced()
+    outer = fdt.start_server_span("outer")
+    token = otel_context.attach(trace.set_span_in_context(outer))
+    try:
+        inner = fdt.start_server_span("inner")  # context=None: the current one, as the SDK reads it
+    finally:
+        otel_context.detach(token)
+    inner.end()
+    outer.end()
+    assert inner.get_span_context().trace_id == outer.get_span_context().trace_id
+    fdt.flush()
+    spans = receiver.store.wait_for(lambda s: {x.name for x in s} >= {"outer", "inner"})
+    (got,) = [s for s in spans if s.name == "inner"]
+    assert got.parent_span_id == f"{outer.get_span_context().span_id:016x}"
+
+
+def test_without_otlp_an_applications_span_is_not_handed_out_to_be_ended(traced):
+    traced(mode="local")
+    from opentelemetry.sdk.trace import TracerProvider
+
+    app_span = TracerProvider().get_tracer("app").start_span("app")
+    span = fdt.start_server_span("GET /x", context=trace.set_span_in_context(app_span))
+    span.update_name("renamed")
+    span.end()
+    assert app_span.is_recording() and app_span.name == "app"
+    assert span.get_span_context() == app_span.get_span_context()
