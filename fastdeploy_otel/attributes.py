@@ -102,16 +102,26 @@ def capped(value: str) -> str:
 
 
 def clean(value: Any) -> AttributeValue:
-    """An OTel-legal attribute value: str, bool, int64, float or a homogeneous list of them."""
-    if isinstance(value, (str, bool, float)):
+    """An OTel-legal attribute value: str, bool, int64, float or a homogeneous list of them, of the
+    builtin types themselves: a subclass (an application's IntEnum, a str subclass) would be pickled
+    by its class, which the export process cannot import.  Never raises: what cannot be read is text."""
+    kind = type(value)
+    if kind is str or kind is bool or kind is float:
         return value
-    if isinstance(value, int):
+    if kind is int:
         return value if _INT64[0] <= value <= _INT64[1] else str(value)  # OTLP ints are int64
-    if isinstance(value, (list, tuple)):
-        items = [clean(v) if isinstance(v, (str, bool, int, float)) else text(v) for v in value]
-        if len({type(v) for v in items}) > 1:
-            items = [text(v) for v in items]
-        return items
+    try:
+        if isinstance(value, int):
+            return clean(int(value))
+        if isinstance(value, float):
+            return float(value)
+        if isinstance(value, (list, tuple)):
+            items = [clean(v) if isinstance(v, (str, bool, int, float)) else text(v) for v in value]
+            if len({type(v) for v in items}) > 1:
+                items = [text(v) for v in items]
+            return items
+    except Exception:  # an int or float subclass whose conversion raises, a list that cannot be read
+        pass
     return text(value)
 
 

@@ -492,3 +492,24 @@ def test_configure_while_threads_trace_loses_nothing(tmp_path):
     fdt.shutdown()
     assert reconfigured >= 5
     assert len(read_mirror(log_dir)) == per_thread * threads
+
+
+def test_attribute_values_of_an_applications_own_types_reach_the_collector(traced, receiver):
+    """A str subclass or an IntEnum of the application's (here of a module the export process cannot
+    import) is sent as the builtin value: pickled as itself it would stop the export process."""
+    import enum
+
+    Tier = enum.IntEnum("Tier", {"GPU": 1})
+    Tier.__module__ = "no_such_module_of_the_application"
+    Name = type("Name", (str,), {"__module__": "no_such_module_of_the_application"})
+    traced()
+    fdt.trace_print(E.PREPROCESSING_START, "own-types", "u", tier=Tier.GPU, label=Name("blue"), tiers=[Tier.GPU])
+    fdt.trace_print(E.PREPROCESSING_END, "own-types", "u")
+    fdt.finish_request("own-types")
+    assert fdt.flush(timeout=10)
+    spans = receiver.store.wait_for(lambda s: any(x.name == "PREPROCESSING" for x in s))
+    (pre,) = [s for s in spans if s.name == "PREPROCESSING"]
+    assert pre.attributes["fastdeploy.tier"] == 1 and pre.attributes["fastdeploy.label"] == "blue"
+    assert pre.attributes["fastdeploy.tiers"] == [1]
+    st = fdt.stats()
+    assert st["spans_exported"] == st["spans_built"] and st["spans_lost_at_shutdown"] == 0
