@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--no-replay", action="store_true", help="skip the replay benchmark")
     p.add_argument(
-        "--no-instructions", action="store_true", help="skip the instruction counts (callgrind; about 4 minutes)"
+        "--no-instructions", action="store_true", help="skip the instruction counts (callgrind; about 8 minutes)"
     )
     p.add_argument("--replay-lines", type=int, default=1_000_000, help="replay: lines of the input (default 1000000)")
     p.add_argument("--serving-requests", type=int, help="serving: requests per run")

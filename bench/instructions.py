@@ -13,16 +13,22 @@ instructions_otel_per_request      fastdeploy_otel, mode all, OTLP/gRPC to a rea
 instructions_otel_in_process_per_request   the same, the serving process alone
 instructions_shaped_per_request    as serving: an HTTP SERVER span and both carrier hand-overs (serving process)
 instructions_ratio                 otel / legacy
+instructions_serving_api_added_per_request   what tracing adds to the example API server's own
+                                   instructions per request in serving, all vs off: the server runs under
+                                   callgrind with collection off until warmed up, then on around
+                                   requests in waves; the engine runs as usual
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +40,7 @@ INSTRUCTION_KEYS = (
     "instructions_otel_in_process_per_request",
     "instructions_shaped_per_request",
     "instructions_ratio",
+    "instructions_serving_api_added_per_request",
 )
 
 _DRIVER = """
@@ -105,5 +112,46 @@ def run_instructions(
             else:
                 res[f"instructions_{variant}_per_request"] = own if variant == "shaped" else total
             log(f"  instructions per request, {variant}: {own:,.0f} in the process, {total:,.0f} in all")
-    res["instructions_ratio"] = res["instructions_otel_per_request"] / res["instructions_legacy_per_request"]
+        res["instructions_ratio"] = res["instructions_otel_per_request"] / res["instructions_legacy_per_request"]
+        api = {mode: _serving_api(mode, rx, requests) for mode in ("off", "all")}
+    res["instructions_serving_api_added_per_request"] = api["all"] - api["off"]
+    log(f"  API server's instructions per request in serving: off {api['off']:,.0f}, all {api['all']:,.0f}")
     return res
+
+
+def _serving_api(mode: str, rx: ReceiverProcess, requests: int) -> float:
+    """The example API server's instructions per request in serving (waves of 4 clients, 16 tokens)."""
+    from minifd.stack import Stack
+
+    from .serving import closed_loop, served_model
+
+    out = tempfile.mkdtemp(prefix="bench-cg-api-")
+    launcher = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}/cg.%p"]
+    try:
+        with Stack(trace_mode=mode, log_dir=os.path.join(out, "log"), port=0, startup_timeout_s=600,
+                   otlp_endpoint=rx.grpc_endpoint if mode != "off" else None, launcher={"api": launcher}) as stack:
+            url, model = stack.base_url + "/v1/completions", served_model(stack.base_url)
+            closed_loop(url, 4, 40, 16, model, waves=True)  # warm, not counted
+            pid = stack.procs["api"].pid  # valgrind runs the server as the process it was started as
+            subprocess.run(["callgrind_control", "-i", "on", str(pid)], capture_output=True, timeout=60)
+            closed_loop(url, 4, 8, 16, model, waves=True)
+            before = _collected(pid, out)
+            done = closed_loop(url, 4, requests, 16, model, waves=True)["completed"]
+            time.sleep(1.0)  # the worker's flushes of these requests
+            return (_collected(pid, out) - before) / max(1, done)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _collected(pid: int, out: str) -> int:
+    """Instructions the process has run while collection was on: each dump holds those since the last."""
+    subprocess.run(["callgrind_control", "-d", str(pid)], capture_output=True, timeout=60)
+    time.sleep(1.0)
+    total = 0
+    for path in glob.glob(f"{out}/cg.{pid}*"):
+        with open(path, errors="replace") as f:
+            for line in f:
+                if line.startswith(("totals:", "summary:")):
+                    total += int(line.split()[1])
+                    break
+    return total

@@ -47,6 +47,9 @@ class Stack:
     fault_injection: bool = False  # the engine honours user="fault:<stage>" (MINIFD_FAULTS=1): demos and tests
     extra_env: dict[str, str] = field(default_factory=dict)
     startup_timeout_s: float = 90.0
+    # A command to run a role's process under, e.g. {"api": ["valgrind", "--tool=callgrind"]}: the bench
+    # counts the API server's instructions in serving this way.
+    launcher: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.procs: dict[str, subprocess.Popen] = {}
@@ -87,7 +90,7 @@ class Stack:
         port = self.port or free_port()
         os.makedirs(self.log_dir, exist_ok=True)
         self.procs["api"] = subprocess.Popen(
-            [sys.executable, "-m", "minifd.server", "--host", self.host, "--port", str(port),
+            [*self.launcher.get("api", []), sys.executable, "-m", "minifd.server", "--host", self.host, "--port", str(port),
              "--engine-recv", to_engine, "--engine-send", from_engine],
             env=self._env("api"), stdout=open(os.path.join(self.log_dir, "api.out"), "ab"), stderr=subprocess.STDOUT,
         )
@@ -101,7 +104,7 @@ class Stack:
         again at its first heartbeat (what a supervisor restarting only the engine would rely on)."""
         to_engine, from_engine = (f"ipc://{path}" for path in self._ipc)
         self.procs["engine"] = subprocess.Popen(
-            [sys.executable, "-m", "minifd.engine", "--recv", to_engine, "--send", from_engine,
+            [*self.launcher.get("engine", []), sys.executable, "-m", "minifd.engine", "--recv", to_engine, "--send", from_engine,
              "--gpu-blocks", str(self.gpu_blocks), "--cpu-blocks", str(self.cpu_blocks), "--max-batch", str(self.max_batch)],
             env=self._env("engine"), stdout=open(os.path.join(self.log_dir, "engine.out"), "ab"), stderr=subprocess.STDOUT,
         )
