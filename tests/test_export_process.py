@@ -162,19 +162,25 @@ class Unpicklable(str):
 
 
 def test_a_span_that_cannot_be_pickled_is_dropped_alone_and_counted(traced, receiver, caplog):
+    """Our own spans carry only builtin values (attributes.clean); an application's SDK span through
+    our provider may carry anything, and the one that cannot be pickled is the only one lost."""
     caplog.set_level(logging.WARNING, logger="fastdeploy_otel")
     traced()
     replay("fine-1")
-    fdt.trace_print("PREPROCESSING_START", "odd", "alice", weird=Unpicklable("x"))
+    fdt.trace_print("PREPROCESSING_START", "odd", "alice", weird=Unpicklable("x"))  # sent as a plain "x"
     fdt.trace_print("PREPROCESSING_END", "odd")
     fdt.finish_request("odd")
+    fdt.get_tracer_provider().get_tracer("app").start_span("app-span", attributes={"weird": Unpicklable("y")}).end()
     replay("fine-2")
     assert fdt.flush(10)
     st = fdt.stats()
-    assert st["spans_dropped_export_queue"] >= 1
-    assert accounted(st) == st["spans_built"]
-    ids = {s.attributes.get("fastdeploy.request_id") for s in receiver.store.wait_for(lambda s: len(s) >= 20)}
-    assert {"fine-1", "fine-2"} <= ids
+    assert st["spans_dropped_export_queue"] == 1
+    assert accounted(st) == st["spans_built"] + 1  # ours, and the application's span
+    spans = receiver.store.wait_for(lambda s: len(s) >= 21)
+    assert {"fine-1", "fine-2", "odd"} <= {s.attributes.get("fastdeploy.request_id") for s in spans}
+    (odd,) = [s for s in spans if s.name == "PREPROCESSING" and s.attributes.get("fastdeploy.request_id") == "odd"]
+    assert odd.attributes["fastdeploy.weird"] == "x"
+    assert not any(s.name == "app-span" for s in spans)
     assert any("cannot be sent to the export process" in r.getMessage() for r in caplog.records)
 
 
