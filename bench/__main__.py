@@ -107,6 +107,14 @@ def table(res: dict[str, Any]) -> str:
             f"replay: {res['replay_lines']:,} lines, {_fmt(res.get('replay_lines_per_s'))} lines/s of CPU "
             f"({_fmt(res.get('replay_wall_lines_per_s'))} wall), peak RSS {_fmt(res.get('replay_peak_rss_mb'), 1)} MB"
         )
+    if res.get("instructions_otel_per_request"):
+        lines.append(
+            f"instructions per request: legacy {_fmt(res.get('instructions_legacy_per_request'))}, "
+            f"otel {_fmt(res.get('instructions_otel_per_request'))} "
+            f"({_fmt(res.get('instructions_otel_in_process_per_request'))} in the process), "
+            f"as serving {_fmt(res.get('instructions_shaped_per_request'))}; "
+            f"the API server in serving +{_fmt(res.get('instructions_serving_api_added_per_request'))}"
+        )
     if res.get("serving_available"):
         lines.append(
             f"serving: off {_fmt(res.get('serving_off_rps'), 1)} req/s, p50 {_fmt(res.get('serving_off_p50_ms'), 1)} ms, "
@@ -138,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--no-replay", action="store_true", help="skip the replay benchmark")
     p.add_argument(
-        "--no-instructions", action="store_true", help="skip the instruction counts (callgrind; about 8 minutes)"
+        "--no-instructions", action="store_true", help="skip the instruction counts (callgrind; about 3-4 minutes)"
     )
     p.add_argument("--replay-lines", type=int, default=1_000_000, help="replay: lines of the input (default 1000000)")
     p.add_argument("--serving-requests", type=int, help="serving: requests per run")
