@@ -12,19 +12,19 @@ from __future__ import annotations
 
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.util import types
 
 from ._assembler import new_span_id, new_trace_id
 from ._records import new_record
 from ._selflog import get_logger
 from ._wire import WireSpan
-from .attributes import clean, text
+from .attributes import clean, clean_all, text
 
 logger = get_logger(__name__)
 
@@ -68,9 +68,7 @@ class ServerSpan(trace.Span):
 
     def set_attributes(self, attributes: Mapping[str, types.AttributeValue]) -> None:
         if not self._ended:
-            for key, value in attributes.items():
-                if value is not None and isinstance(key, str):
-                    self._attributes[key] = clean(value)
+            self._attributes.update(clean_all(attributes))
 
     def set_attribute(self, key: str, value: types.AttributeValue) -> None:
         if not self._ended and value is not None and isinstance(key, str):
@@ -80,13 +78,11 @@ class ServerSpan(trace.Span):
         self, name: str, attributes: types.Attributes = None, timestamp: int | None = None
     ) -> None:  # fmt: skip
         if not self._ended:
-            attrs = {k: clean(v) for k, v in (attributes or {}).items() if v is not None and isinstance(k, str)}
-            self._events.append((text(name), time.time_ns() if timestamp is None else timestamp, attrs))
+            self._events.append((text(name), time.time_ns() if timestamp is None else timestamp, clean_all(attributes)))
 
     def add_link(self, context: SpanContext, attributes: types.Attributes = None) -> None:
         if not self._ended and isinstance(context, SpanContext) and context.is_valid:
-            attrs = {k: clean(v) for k, v in (attributes or {}).items() if v is not None and isinstance(k, str)}
-            self._links.append((context.trace_id, context.span_id, attrs))
+            self._links.append((context.trace_id, context.span_id, clean_all(attributes)))
 
     def update_name(self, name: str) -> None:
         if not self._ended:
@@ -150,7 +146,6 @@ def start(
     name: str,
     context: Context | None,
     attributes: Mapping[str, Any] | None,
-    links: Sequence[Link] = (),
 ) -> trace.Span:
     """A SERVER span under `context`'s span (a caller's traceparent; None: the current context, as the
     SDK reads it), sampled as our request spans are."""
@@ -167,7 +162,4 @@ def start(
     )
     if not sampled:
         return trace.NonRecordingSpan(span_context)
-    span = ServerSpan(offer, scope, name, span_context, parent, attributes)
-    for link in links:
-        span.add_link(link.context, link.attributes)
-    return span
+    return ServerSpan(offer, scope, name, span_context, parent, attributes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 # On every span this package builds.
@@ -126,8 +127,9 @@ def clean(value: Any) -> AttributeValue:
 
 
 def clean_all(attributes: Any) -> dict[str, AttributeValue]:
-    """Attributes from outside (a carrier): string keys, legal values; anything else dropped."""
-    if not isinstance(attributes, dict):
+    """Attributes from outside (a carrier, a caller of a span's API): string keys, legal values;
+    anything else dropped."""
+    if not isinstance(attributes, Mapping):
         return {}
     return {k: clean(v) for k, v in attributes.items() if isinstance(k, str) and v is not None}
 
