@@ -262,9 +262,10 @@ class LiveStack:
             shutil.rmtree(self.log_dir, ignore_errors=True)
 
 
-def _skipped(reason: str) -> dict[str, Any]:
+def _skipped(reason: str, available: bool = False) -> dict[str, Any]:
+    """Null figures and why; `available`: the stack could run, the benchmark failed."""
     out: dict[str, Any] = {k: None for k in SERVING_KEYS}
-    out.update({"serving_available": False, "serving_skipped_reason": reason})
+    out.update({"serving_available": available, "serving_skipped_reason": reason})
     return out
 
 
@@ -352,16 +353,13 @@ def run_serving(
     except Exception as exc:
         reason = f"serving benchmark failed: {type(exc).__name__}: {exc}"
         log("  " + reason)
-        out = _skipped(reason)
-        out["serving_available"] = True
-        return out
+        return _skipped(reason, available=True)
     failed = sum(r["errors"] for r in runs + bursts)
     if failed:
         first = next(r["first_error"] for r in runs + bursts if r["first_error"])
-        log(f"  serving benchmark: {failed} requests failed, e.g. {first}")
-        out = _skipped(f"serving benchmark failed: {failed} requests failed, e.g. {first}")
-        out["serving_available"] = True
-        return out
+        reason = f"serving benchmark failed: {failed} requests failed, e.g. {first}"
+        log("  " + reason)
+        return _skipped(reason, available=True)
 
     by_mode: dict[str, dict[str, Any]] = {}
     cpu_keys = [f"{role}_cpu_ms_per_request" for role in ROLES] + [
