@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import os
 import time
 
@@ -19,6 +21,9 @@ from minifd.stack import Stack  # noqa: E402
 
 STAGES = ("PREPROCESSING", "SCHEDULE", "PREFILL", "DECODE", "POSTPROCESSING")
 # 16-token blocks; a 12-block GPU tier makes the crafted sequence below swap out and back in.
+# A long stream (EOS pushed away) that the client abandons.
+LONG_STREAM = {"prompt": "a long stream that the client abandons", "max_tokens": 200, "temperature": 0, "stream": True,
+               "logit_bias": {"256": -100}}
 SHARED = "The quick brown fox jumps over the lazy dog; " * 2  # 90 bytes: 5 full blocks
 
 
@@ -236,6 +241,41 @@ def test_a_duplicate_in_flight_request_id_is_refused_and_the_engine_carries_on(s
             assert dup.status_code == 409 and "already in flight" in dup.json()["error"]["message"]
             assert [line for line in lines if line.startswith("data: ")][-1] == "data: [DONE]"
     assert complete(stack, "after the duplicate").status_code == 200  # the engine is still serving
+
+
+def test_an_id_reused_as_soon_as_its_request_ended_is_served_as_its_own(stack):
+    """The id is free once the client has its answer: the stream's after-response cleanup (a worker
+    thread, possibly late) must not abort the next request with that id (it did: 33 of 200 hung)."""
+    def reuse(i: int) -> int | str:
+        headers = {"X-Request-Id": f"reuse-{i}"}
+        first = stack.client.post("/v1/completions", json={"prompt": "r", "max_tokens": 1, "stream": True}, headers=headers)
+        assert first.status_code == 200 and first.text.rstrip().endswith("data: [DONE]")
+        try:
+            return stack.client.post("/v1/completions", json={"prompt": "r", "max_tokens": 1}, headers=headers,
+                                     timeout=20).status_code
+        except httpx.TimeoutException:
+            return "hang"
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        statuses = list(pool.map(reuse, range(40)))
+    assert statuses == [200] * 40, collections.Counter(statuses)
+
+    # An abandoned stream: its id stays taken (409) until the engine has let go of it, then the same
+    # id gets its own answer, none of the abandoned generation's tokens.
+    prompt = {"prompt": "the reused id's own prompt", "max_tokens": 3, "temperature": 0}
+    expected = complete(stack, prompt["prompt"], max_tokens=3).json()["choices"][0]["text"]
+    with httpx.Client(base_url=stack.base_url, timeout=60) as c:
+        with c.stream("POST", "/v1/completions", json={**LONG_STREAM, "request_id": "reuse-abandoned"}) as resp:
+            assert next(line for line in resp.iter_lines() if line.startswith("data: "))
+    statuses = []
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        resp = stack.client.post("/v1/completions", json={**prompt, "request_id": "reuse-abandoned"}, timeout=20)
+        statuses.append(resp.status_code)
+        if resp.status_code != 409:
+            break
+        time.sleep(0.01)
+    assert statuses[-1] == 200 and set(statuses[:-1]) <= {409}, statuses
+    assert resp.json()["choices"][0]["text"] == expected and resp.json()["usage"]["completion_tokens"] <= 3
 
 
 def test_http_server_span_names_routes_not_paths_and_marks_server_errors(stack, receiver):

@@ -62,7 +62,7 @@ class EngineConfig:
     max_batch: int = 8
 
 
-@dataclass
+@dataclass(eq=False)  # two requests are the same only when they are the same object: ids can be reused
 class Request:
     rid: str
     user: str | None
@@ -93,6 +93,7 @@ class StepResult:
     # which the scheduler keeps extending meanwhile.
     count: int = 0
     finish_reason: str | None = None
+    aborted: bool = False  # the scheduler has let go of an id the API server aborted: it may reuse the id
 
 
 @dataclass
@@ -122,7 +123,8 @@ class Engine:
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self._lock = threading.Condition()
-        self._aborts: set[str] = set()
+        self._aborts: set[str] = set()  # ids the API server aborted
+        self._failed: list[tuple[Request, BaseException]] = []  # requests whose output could not be processed
         self._steps: queue.Queue = queue.Queue(maxsize=1)
         self._results: queue.Queue = queue.Queue(maxsize=1)
         self._outputs: queue.Queue = queue.Queue()
@@ -179,18 +181,23 @@ class Engine:
     def schedule_loop(self) -> None:
         while not self._stop.is_set():
             with self._lock:
-                while not (self.waiting or self.running or self._aborts) and not self._stop.is_set():
+                while not (self.waiting or self.running or self._aborts or self._failed) and not self._stop.is_set():
                     self._lock.wait(0.1)
                 aborts, self._aborts = self._aborts, set()
+                failed, self._failed = self._failed, []
             if self._stop.is_set():
                 return
             try:
-                self._step(aborts)
+                self._step(aborts, failed)
             except Exception:  # a bug in one step must not stop the engine: log it and go on
                 log.exception("scheduler step failed")
                 time.sleep(0.05)
 
-    def _step(self, aborts: set[str]) -> None:
+    def _step(self, aborts: set[str], failed: list[tuple[Request, BaseException]]) -> None:
+        for req, exc in failed:
+            with self._lock:
+                live = req in self.running or req in self.waiting
+            self._fail(req, exc, free=live)  # a finished request has freed its blocks already
         for rid in aborts:
             self._abort(rid)
         prefills = self._admit()
@@ -301,6 +308,9 @@ class Engine:
         if found:
             self.cache.free(rid)
             fdt.abort_request(rid, "client disconnected")
+        # Always acknowledged, found or not: until then the API server holds the id, so that a new
+        # request with the same id can never meet this one's blocks, outputs or abort.
+        self._outputs.put(StepResult(Request(rid=rid, user=None), aborted=True))
 
     def _fail(self, req: Request, exc: BaseException, free: bool = True) -> None:
         with self._lock:
@@ -323,11 +333,11 @@ class Engine:
             res.finish_reason = "stop"
         elif len(req.output) >= req.max_tokens or len(req.tokens()) >= self.cfg.model.max_context:
             res.finish_reason = "length"
-        self._outputs.put(res)
-        if res.finish_reason:
+        if res.finish_reason:  # let go of the id before the client hears it is done (it may reuse it)
             with self._lock:
                 self.running.remove(req)
             self.cache.free(req.rid)
+        self._outputs.put(res)
 
     # ---- model runner thread (FastDeploy: the worker process) ------------------------------------
     def runner_loop(self) -> None:
@@ -401,20 +411,23 @@ class Engine:
             try:
                 self._process(res)
             except Exception as exc:  # this request fails (its client hears of it); the loop goes on
-                self._process_failed(res.req, exc)
+                if res.error is not None or res.aborted:
+                    log.exception("could not report the end of %r", res.req.rid)
+                else:
+                    self._process_failed(res.req, exc)
 
     def _process_failed(self, req: Request, exc: BaseException) -> None:
-        """A request whose output could not be processed: error to its client, and the scheduler drops it."""
+        """A request whose output could not be processed: the scheduler drops it, then its client hears of it
+        (in that order, so that the id is free when the client may reuse it)."""
         with self._lock:
-            self._aborts.add(req.rid)
+            self._failed.append((req, exc))
             self._lock.notify()
-        try:
-            self._process(StepResult(req, error=exc))
-        except Exception:
-            log.exception("could not report the failure of %r", req.rid)
 
     def _process(self, res: StepResult) -> None:
         req = res.req
+        if res.aborted:
+            send(self._send, {"type": "aborted", "request_id": req.rid})
+            return
         if res.error is not None:
             fdt.record_error(req.rid, res.error)
             self._emit(req, finished=True, reason="error", error=f"{type(res.error).__name__}: {res.error}")

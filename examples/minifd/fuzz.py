@@ -64,7 +64,7 @@ class FuzzReport:
         return not (self.hangs or self.dropped or self.unexpected) and self.healthy_after
 
     def summary(self) -> str:
-        return (f"{self.requests} requests in {self.seconds:.1f}s: statuses {dict(sorted(self.statuses.items()))}; "
+        return (f"{self.requests} requests in {self.seconds:.1f}s: statuses {dict(sorted(self.statuses.items(), key=lambda kv: str(kv[0])))}; "
                 f"hangs {len(self.hangs)}, dropped {len(self.dropped)}, unexpected {len(self.unexpected)}, "
                 f"healthy afterwards: {self.healthy_after}")
 

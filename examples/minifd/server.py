@@ -160,7 +160,9 @@ class EngineClient:
         self._pull = self._ctx.socket(zmq.PULL)
         self._pull.setsockopt(zmq.LINGER, 0)
         self._pull.bind(recv_addr)
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        # engine id -> (loop, queue) of the waiting handler, or None once aborted: the id stays taken
+        # until the engine says it has let go of it, so that a new request cannot meet the old one's outputs.
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue] | None] = {}
         self._lock = threading.Lock()
         self.ready = threading.Event()  # the engine has said hello at least once
         self.state: Literal["starting", "ok", "unhealthy"] = "starting"
@@ -197,8 +199,13 @@ class EngineClient:
             else:
                 self._fail_all(f"the engine reports: {msg.get('reason') or 'unhealthy'}")
             return
+        rid = msg.get("request_id")
         with self._lock:
-            target = self._streams.get(msg.get("request_id"))  # type: ignore[arg-type]
+            target = self._streams.get(rid)  # type: ignore[arg-type]
+            if kind == "aborted":
+                if target is None:
+                    self._streams.pop(rid, None)  # type: ignore[arg-type]
+                return
         if target is not None:
             loop, q = target
             loop.call_soon_threadsafe(q.put_nowait, msg)
@@ -210,8 +217,10 @@ class EngineClient:
         log.error("engine unhealthy: %s; failing %d in-flight requests", reason, len(self._streams))
         self.state, self.reason = "unhealthy", reason
         with self._lock:
+            for rid in [rid for rid, target in self._streams.items() if target is None]:
+                del self._streams[rid]  # aborted ids: a dead engine will not acknowledge them
             targets = list(self._streams.items())
-        for rid, (loop, q) in targets:
+        for rid, (loop, q) in targets:  # type: ignore[misc]
             with contextlib.suppress(RuntimeError):  # that handler's loop is closed: nobody waits
                 loop.call_soon_threadsafe(q.put_nowait, {"request_id": rid, "finished": True, "engine_failure": reason})
 
@@ -237,11 +246,21 @@ class EngineClient:
             await asyncio.sleep(0.01)
         return q
 
-    def release(self, engine_rid: str, abort: bool) -> None:
+    def release(self, engine_rid: str, q: asyncio.Queue, abort: bool) -> bool:
+        """The handler waiting on `q` is done; `abort`: the engine is told to drop the request.
+
+        Only `q`'s own registration is released (the id may be another request's by now): False if
+        there was none."""
         with self._lock:
-            self._streams.pop(engine_rid, None)
-        if abort and self.healthy:
-            send(self._push, {"type": "abort", "request_id": engine_rid}, block=False)
+            target = self._streams.get(engine_rid)
+            if target is None or target[1] is not q:
+                return False
+            aborting = abort and self.healthy and send(self._push, {"type": "abort", "request_id": engine_rid}, block=False)
+            if aborting:
+                self._streams[engine_rid] = None
+            else:
+                del self._streams[engine_rid]
+        return True
 
     def close(self) -> None:
         self._stop.set()
@@ -397,14 +416,14 @@ def create_app(client: EngineClient, model_cfg: ModelConfig) -> FastAPI:
             http_span = trace.get_current_span()
             return StreamingResponse(
                 stream(rid, engine_rid, body.user, q, operation, created, http_span),
-                media_type="text/event-stream", headers=headers, background=BackgroundTask(never_started, rid, engine_rid),
+                media_type="text/event-stream", headers=headers, background=BackgroundTask(never_started, rid, engine_rid, q),
             )
         done = False
         try:
             final = await q.get()
             done = True
         finally:
-            client.release(engine_rid, abort=not done)
+            client.release(engine_rid, q, abort=not done)
             if not done:  # the client went away (the handler was cancelled)
                 fdt.abort_request(rid, "client disconnected")
         status, payload = finish(rid, body.user, final, operation, created, final.get("tokens", []))
@@ -474,15 +493,15 @@ def create_app(client: EngineClient, model_cfg: ModelConfig) -> FastAPI:
                 chunks += 1
                 yield _sse(rid, operation, created, tokenizer.decode(msg.get("tokens", [])), None)
         finally:
-            client.release(engine_rid, abort=not done)
+            client.release(engine_rid, q, abort=not done)
             if not done:  # the client went away mid-stream
                 fdt.abort_request(rid, "client disconnected")
 
-    def never_started(rid: str, engine_rid: str) -> None:
+    def never_started(rid: str, engine_rid: str, q: asyncio.Queue) -> None:
         """After the response: a client that left before the stream's first byte never ran its `finally`;
-        without this its routing entry, and the engine's work on it, would outlive it."""
-        if client.in_flight(engine_rid):
-            client.release(engine_rid, abort=True)
+        without this its routing entry, and the engine's work on it, would outlive it.  It runs in a worker
+        thread, maybe after the client has sent its next request with the same id: `q` says which is ours."""
+        if client.release(engine_rid, q, abort=True):
             fdt.abort_request(rid, "client disconnected")
 
     def _sse(rid: str, operation: str, created: int, delta: str, reason: str | None) -> bytes:
