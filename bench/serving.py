@@ -23,7 +23,8 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from .receiver_proc import ReceiverProcess
 
@@ -209,9 +210,10 @@ class LiveStack:
         self.mode = mode
         self.clients, self.max_tokens = clients, max_tokens
         self.log_dir = tempfile.mkdtemp(prefix=f"bench-serving-{mode}-")
-        endpoint = rx.grpc_endpoint if mode != "off" else None
+        trace_mode = mode.split("_")[0]  # "off_b": a second stack with tracing off (an A/A control)
+        endpoint = rx.grpc_endpoint if trace_mode != "off" else None
         t0 = time.monotonic()
-        self.stack = Stack(trace_mode=mode, log_dir=self.log_dir, otlp_endpoint=endpoint, port=0)
+        self.stack = Stack(trace_mode=trace_mode, log_dir=self.log_dir, otlp_endpoint=endpoint, port=0)
         try:
             self.stack.start()
             self.startup_s = time.monotonic() - t0
@@ -276,6 +278,7 @@ def run_serving(
     requests: int | None = None,
     max_tokens: int | None = None,
     pairs: int | None = None,
+    modes: Sequence[str] | None = None,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
 ) -> dict[str, Any]:
     """Throughput and latency with tracing all vs off; the ratios are all/off."""
@@ -299,7 +302,9 @@ def run_serving(
     requests = requests or (120 if quick else 600)
     max_tokens = max_tokens or 16
     pairs = pairs or (2 if quick else 4)
-    modes = ("off", "all") if quick else ("off", "all", "local")
+    modes = tuple(modes or (("off", "all") if quick else ("off", "all", "local")))
+    if modes[0] != "off" or "all" not in modes or len(set(modes)) != len(modes):
+        raise ValueError(f"serving modes must start with off, include all and not repeat: {modes}")
     warmup = max(clients, requests // 10)
     # CPU in waves, in bursts of a third of a run: three turns of every mode per throughput round.
     burst = max(clients, requests // 3 // clients * clients)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from opentelemetry import trace
@@ -177,8 +177,13 @@ class OtelSink:
     """
 
     def __init__(
-        self, settings: Settings, extra_exporters: Sequence[SpanExporter] = (), provider: TracerProvider | None = None
+        self,
+        settings: Settings,
+        extra_exporters: Sequence[SpanExporter] = (),
+        provider: TracerProvider | None = None,
+        write_lines: Callable[[list], None] | None = None,
     ) -> None:
+        """`write_lines`: the mirror's writer; with an export process, that process writes the lines."""
         current = provider if provider is not None else trace.get_tracer_provider()
         self.attached = isinstance(current, TracerProvider)
         self.settings = settings
@@ -205,7 +210,9 @@ class OtelSink:
             if settings.exporter == "otlp" and settings.export_process:
                 from ._export_process import ProcessChannel
 
-                self.process = ProcessChannel(settings, self.provider.resource, options, export_target(settings))
+                self.process = ProcessChannel(
+                    settings, self.provider.resource, options, export_target(settings), write_lines
+                )
                 self.channels.append(self.process)
             elif settings.exporter != "none":
                 exporter, target = make_exporter(settings)
@@ -306,6 +313,10 @@ class OtelSink:
             tracer = self.provider.get_tracer(SCOPE, __version__)
             return tracer.start_span(name, context=context, kind=SpanKind.SERVER, attributes=attributes)
         return _server_span.start(self.offer_wire, self.should_sample, self._scope_key, name, context, attributes)
+
+    def offer_lines(self, records: list) -> bool:
+        """Mirror lines to the export process to write; False: the caller writes them."""
+        return self.process is not None and self.process.offer_lines(records)
 
     def pump(self) -> None:
         """Send what the export process has not had yet (the worker calls this at every flush)."""

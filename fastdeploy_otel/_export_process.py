@@ -14,6 +14,11 @@ of plain values is done in C, at a fraction of the cost.
   status, flush and close requests with its counters on a second pipe.
 - A child that dies is restarted (with back-off); the spans it held are counted as lost.  The
   child exits when its stdin closes, so it never outlives its parent by more than its deadline.
+- With the trace.log mirror on, the child also formats and writes its lines (``offer_lines``), off the
+  serving process's GIL too.  The parent keeps each batch until the child says it is written; the
+  batches of a child that dies, or writes nothing for _LINES_STALE_S, are written by the parent, and
+  while no child is up the parent writes.  So every line is written at least once (twice only when
+  a child dies between writing a batch and saying so, or stalls and then recovers).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
@@ -53,13 +58,23 @@ _BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)  # between restarts of a child th
 _MAX_HELD_LOGS = 100
 _EXIT_WAIT_S = 2.0  # for a child that has answered close to exit (it writes nothing more)
 _REPLY_MARGIN_S = 0.25  # the child stops this long before the parent's deadline, so its last counters arrive
-_COUNTERS = ("exported", "failed", "dropped", "lost", "truncated")
+_LINES_STALE_S = 3.0  # a child that has not written a batch of lines for this long: the parent writes them
+_COUNTERS = ("exported", "failed", "dropped", "lost", "truncated", "lines_written", "lines_failed")
 _ENDS = ("exported", "failed", "dropped", "lost")  # where a span the child took ends up
 
 
 class _Frame(NamedTuple):
     data: bytes
     spans: int
+    lines: int = 0  # the batch number of the mirror lines it carries (0: none)
+
+
+class _Lines(NamedTuple):
+    """A batch of mirror lines handed to the child, kept until it says they are written."""
+
+    number: int
+    sent: float  # time.monotonic()
+    records: list
 
 
 def _frame(message: Any) -> bytes:
@@ -86,9 +101,23 @@ class ProcessChannel(SpanProcessor):
     dropped or lost (or is still on its way: ``queued``).
     """
 
-    def __init__(self, settings: Any, resource: Any, options: dict[str, Any], target: str) -> None:
+    def __init__(
+        self,
+        settings: Any,
+        resource: Any,
+        options: dict[str, Any],
+        target: str,
+        write_lines: Callable[[list], None] | None = None,
+    ) -> None:
+        """`write_lines`: the parent's own mirror writer; given, the child writes the mirror lines too."""
         self.target = target
-        self._hello = ("hello", settings, dict(resource.attributes), resource.schema_url, options)
+        mirror = (settings.log_dir, settings.backup_count, os.getpid()) if write_lines is not None else None
+        self._hello = ("hello", settings, dict(resource.attributes), resource.schema_url, options, mirror)
+        self._write_here = write_lines
+        self._unwritten: collections.deque[_Lines] = collections.deque()  # handed to the child, not yet written
+        self._lines_number = 0
+        self._lines_acked = 0  # the last batch the child has written
+        self._lines_here_until = 0  # after a take-back: lines are written here until the child has caught up
         self._max_queue: int = options.get("max_queue_size", 8192)
         self._pending: collections.deque[WireSpan | ReadableSpan] = collections.deque()
         self._outbox: collections.deque[_Frame] = collections.deque()
@@ -157,9 +186,78 @@ class ProcessChannel(SpanProcessor):
         return self._total("truncated")
 
     @property
+    def lines_written(self) -> int:
+        return self._total("lines_written")
+
+    @property
+    def lines_failed(self) -> int:
+        return self._total("lines_failed")
+
+    @property
     def queued(self) -> int:
         in_child = self._sent_to_child - sum(self._child[k] for k in _ENDS)
         return len(self._pending) + sum(f.spans for f in self._outbox) + max(0, in_child)
+
+    # ---- mirror lines ----------------------------------------------------------------------------------
+    def offer_lines(self, records: list) -> bool:
+        """Hand a batch of mirror lines to the child to format and write; False: the caller writes
+        them (no child up, one that stalls or is catching up, a flush pumping on another thread)."""
+        if self._write_here is None or self._closing or not self._lock.acquire(blocking=False):
+            return False
+        try:
+            if self._proc is None or self._outbox_bytes > _MAX_OUTBOX_BYTES // 2:
+                return False
+            self._check_lines(time.monotonic())
+            if self._lines_acked < self._lines_here_until:
+                return False
+            self._lines_number += 1
+            data = _frame(("lines", self._lines_number, list(map(tuple, records))))
+            self._queue_frame(_Frame(data, 0, self._lines_number))
+            self._unwritten.append(_Lines(self._lines_number, time.monotonic(), records))
+            return True
+        except Exception:  # never: the records hold plain values; but the caller can still write them
+            logger.warning("mirror lines could not be handed to the export process; written here", exc_info=True)
+            return False
+        finally:
+            self._lock.release()
+
+    def _check_lines(self, now: float) -> None:
+        """Take back the lines of a child that has written none for _LINES_STALE_S (stopped, swapped
+        out, starved of CPU): trace.log must not wait on it."""
+        if not self._unwritten or now - self._unwritten[0].sent <= _LINES_STALE_S:
+            return
+        self._read_replies()  # its answers may only be unread
+        if self._unwritten and now - self._unwritten[0].sent > _LINES_STALE_S:
+            warn(
+                logger, "the export process has not written trace.log lines for %gs; writing them here", _LINES_STALE_S
+            )
+            self._take_back_lines()
+
+    def _lines_written_up_to(self, number: int) -> None:
+        self._lines_acked = max(self._lines_acked, number)
+        q = self._unwritten
+        while q and q[0].number <= number:
+            q.popleft()
+
+    def _take_back_lines(self) -> None:
+        """Write here what the child has not written (it died, stalls, or a deadline passed).  Batches
+        not yet sent leave the outbox; one a live child has (or is being sent) it may still write."""
+        if not self._unwritten:
+            return
+        started = self._head_sent > 0 and self._proc is not None
+        kept = [f for i, f in enumerate(self._outbox) if not f.lines or (i == 0 and started)]
+        unsent = {f.lines for f in self._outbox if f.lines} - {f.lines for f in kept}
+        self._outbox = collections.deque(kept)
+        self._outbox_bytes = sum(len(f.data) for f in kept)
+        batches = list(self._unwritten)
+        self._unwritten.clear()
+        if self._proc is not None:  # the child may still write what it has: wait for that before handing more
+            self._lines_here_until = max((b.number for b in batches if b.number not in unsent), default=0)
+        for batch in batches:
+            try:
+                self._write_here(batch.records)  # type: ignore[misc]
+            except Exception:
+                logger.warning("mirror lines taken back from the export process could not be written", exc_info=True)
 
     # ---- the worker's side ----------------------------------------------------------------------------
     def pump(self) -> None:
@@ -185,6 +283,7 @@ class ProcessChannel(SpanProcessor):
                 self._send_control("status")
         if self._proc is None and not self._closing and now >= self._next_start:
             self._start()
+        self._check_lines(now)
         self._frame_pending()
         self._write()
 
@@ -273,6 +372,7 @@ class ProcessChannel(SpanProcessor):
                 if not done:  # a flush the child could not finish in time
                     self._unfinished = seq
                 self._child.update({k: int(counters.get(k, 0)) for k in _COUNTERS})
+                self._lines_written_up_to(int(counters.get("lines_acked", 0)))
                 for level, message in logs:  # the child's own log lines, said here where the app looks
                     logger.log(level, message.replace("%", "%%"))
             except Exception:
@@ -330,6 +430,7 @@ class ProcessChannel(SpanProcessor):
         self._proc, self._data_fd, self._reply_fd = proc, data_w, reply_r
         self._replies.clear()
         self._child = dict.fromkeys(_COUNTERS, 0)
+        self._lines_acked = 0
         self._sent_to_child = 0
         self._head_sent = 0  # a frame cut short by the last child's death is sent whole again
         self._acked = self._seq
@@ -361,6 +462,8 @@ class ProcessChannel(SpanProcessor):
         self._child = dict.fromkeys(_COUNTERS, 0)
         self._lost_here += held
         self._close_fds()
+        self._lines_here_until = 0
+        self._take_back_lines()
         try:
             rc = proc.wait(timeout=0.2)  # it closed its pipes: it is exiting
         except subprocess.TimeoutExpired:
@@ -388,6 +491,7 @@ class ProcessChannel(SpanProcessor):
         self._data_fd = self._reply_fd = -1
 
     def _forget(self) -> None:
+        self._unwritten.clear()  # the process that forked writes them
         self._close_fds()
         self._proc = None
         self._closing = True
@@ -418,7 +522,9 @@ class ProcessChannel(SpanProcessor):
             if self._proc is None:
                 return not self._pending and not self._outbox
             seq = self._send_control("flush", max(0.0, deadline - time.monotonic() - _REPLY_MARGIN_S))
-            return self._wait_for(seq, deadline) and self._unfinished != seq
+            done = self._wait_for(seq, deadline) and self._unfinished != seq
+            self._take_back_lines()  # the child writes lines before it flushes: these it did not reach
+            return done
 
     def shutdown(self, timeout_millis: int = 5000) -> None:
         self.begin_shutdown()
@@ -443,6 +549,7 @@ class ProcessChannel(SpanProcessor):
                     except subprocess.TimeoutExpired:
                         proc.kill()
                     self._child_gone()
+            self._take_back_lines()
             unsent = sum(f.spans for f in self._outbox) + len(self._pending)
             self._outbox.clear()
             self._pending.clear()
@@ -535,7 +642,15 @@ def serve(stream: Any, reply_fd: int) -> int:
     hello = _read_message(stream)
     if not hello or hello[0] != "hello":
         return 2
-    _, settings, attributes, schema_url, options = hello
+    _, settings, attributes, schema_url, options, mirror_spec = hello
+    mirror = None
+    if mirror_spec is not None:
+        from ._records import MirrorRecord
+        from .mirror import TraceLogMirror
+
+        log_dir, backup_count, pid = mirror_spec
+        mirror = TraceLogMirror(log_dir, backup_count, pid=pid)  # its lines name the serving process
+    lines_acked = 0
     exporter, target = make_exporter(settings)
     _install_quiet()
     limits = Limits(
@@ -558,6 +673,9 @@ def serve(stream: Any, reply_fd: int) -> int:
             "dropped": channel.dropped,
             "lost": channel.lost,
             "truncated": channel.truncated + getattr(prepare, "truncated", 0),
+            "lines_written": mirror.lines_written if mirror is not None else 0,
+            "lines_failed": mirror.lines_failed if mirror is not None else 0,
+            "lines_acked": lines_acked,
         }
         try:
             os.write(reply_fd, _frame(("ack", seq, counters, forward.take(), done)))
@@ -567,11 +685,18 @@ def serve(stream: Any, reply_fd: int) -> int:
     while True:
         message = _read_message(stream)
         if message is None:  # the parent has gone: export what we hold, within the usual deadline
+            if mirror is not None:
+                mirror.close()
             channel.begin_shutdown()
             channel.finish_shutdown(time.monotonic() + settings.shutdown_timeout_s)
             return 0
         kind = message[0]
-        if kind == "spans":
+        if kind == "lines":
+            if mirror is not None:
+                mirror.write([MirrorRecord._make(r) for r in message[2]])
+            lines_acked = message[1]
+            reply(0)  # at once: what a child that dies has written is known, not written twice
+        elif kind == "spans":
             for w in message[1]:
                 try:
                     channel.on_end(prepare(WireSpan._make(w)))
@@ -583,6 +708,8 @@ def serve(stream: Any, reply_fd: int) -> int:
         elif kind == "status":
             reply(message[1])
         elif kind == "close":
+            if mirror is not None:
+                mirror.close()
             channel.begin_shutdown()
             channel.finish_shutdown(time.monotonic() + message[2])
             reply(message[1])

@@ -57,22 +57,23 @@ class Runtime:
             "record_failures": 0,
             "bad_carriers_at_call": 0,
         }
+        # Files open on the first write: a missing directory is made then, and an unwritable one is
+        # reported then (once) without stopping the process.
+        self.mirror = TraceLogMirror(settings.log_dir, settings.backup_count) if settings.local else None
+        self.error_log = ErrorLogFile(settings.log_dir, settings.backup_count)
         self.sink = None
         if settings.otel:
             try:
                 from ._export import OtelSink
 
-                self.sink = OtelSink(settings, extra_exporters, tracer_provider)
+                write_lines = self.mirror.write if self.mirror is not None else None
+                self.sink = OtelSink(settings, extra_exporters, tracer_provider, write_lines)
             except Exception:
                 logger.exception("OTLP export could not be set up; tracing continues without it")
         sampler = self.sink.should_sample if self.sink is not None else (lambda ctx, trace_id: True)
         self.assembler = Assembler(
             sampler, settings.capture_content, settings.max_requests, int(settings.request_ttl_s * 1e9)
         )
-        # Files open on the first write: a missing directory is made then, and an unwritable one is
-        # reported then (once) without stopping the process.
-        self.mirror = TraceLogMirror(settings.log_dir, settings.backup_count) if settings.local else None
-        self.error_log = ErrorLogFile(settings.log_dir, settings.backup_count)
         self._last_sweep = 0
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._run, name="fastdeploy-otel-worker", daemon=True)
@@ -126,7 +127,7 @@ class Runtime:
         """Errors first (the rarest and most wanted), then the mirror, then the spans; each guarded."""
         steps: tuple[tuple[str, Any, list], ...] = (
             ("error-log", self.error_log and self.error_log.write, errors),
-            ("mirror", self.mirror and self.mirror.write, lines),
+            ("mirror", self.mirror and self._write_lines, lines),
             ("export", self.sink and self.sink.build_all, spans),
         )
         for step, write, items in steps:
@@ -136,6 +137,11 @@ class Runtime:
                 write(items)
             except Exception:
                 logger.warning("%s failed for a batch", step, exc_info=True)
+
+    def _write_lines(self, lines: list) -> None:
+        """The export process writes the mirror when there is one to take them; else this one."""
+        if self.sink is None or not self.sink.offer_lines(lines):
+            self.mirror.write(lines)  # type: ignore[union-attr]
 
     def close(self, timeout_s: float) -> None:
         """Stop within `timeout_s`: files first (local, quick), then whatever export can do in the rest."""

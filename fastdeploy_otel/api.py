@@ -251,9 +251,10 @@ def _stats(rt: Runtime) -> dict[str, int]:
     out.update(rt.assembler.counters)
     out["requests_in_flight"] = len(rt.assembler.requests)
     out["pending"] = len(rt.queue)
-    if rt.mirror is not None:
-        out["mirror_lines"] = rt.mirror.lines_written
-        out["mirror_lines_failed"] = rt.mirror.lines_failed
+    if rt.mirror is not None:  # written here, and by the export process
+        process = rt.sink.process if rt.sink is not None else None
+        out["mirror_lines"] = rt.mirror.lines_written + (process.lines_written if process is not None else 0)
+        out["mirror_lines_failed"] = rt.mirror.lines_failed + (process.lines_failed if process is not None else 0)
     out["error_log_lines"] = rt.error_log.file.lines_written
     out["error_log_lines_failed"] = rt.error_log.file.lines_failed
     if rt.sink is not None:

@@ -100,9 +100,9 @@ class LineFormatter:
     line after line, so each fragment is escaped or formatted once and cached: half the instructions
     of formatting every field of every line."""
 
-    def __init__(self) -> None:
+    def __init__(self, pid: int | None = None) -> None:
         self._asctime = AscTime()
-        self._head = f"{os.getpid():<5} "
+        self._head = f"{os.getpid() if pid is None else pid:<5} "
         self._where: dict[tuple[str, int], str] = {}
         self._threads: dict[tuple[int, str], str] = {}
         self._who: dict[tuple[str, object], str] = {}
@@ -146,10 +146,13 @@ def _put(cache: dict, key: object, value: str) -> str:
 class TraceLogMirror:
     """Writes batches of mirror lines, one ``write`` per batch."""
 
-    def __init__(self, log_dir: str, backup_count: int = 7, file_name: str = "trace.log") -> None:
+    def __init__(
+        self, log_dir: str, backup_count: int = 7, file_name: str = "trace.log", pid: int | None = None
+    ) -> None:
+        """`pid`: the process the lines are of (the export process writes the serving process's)."""
         self.file = DatedFile(os.path.join(log_dir, file_name), backup_count)
         self.path = self.file.path
-        self._format = LineFormatter()
+        self._format = LineFormatter(pid)
         self._unformattable = 0
 
     @property

@@ -16,6 +16,7 @@ import pytest
 import fastdeploy_otel as fdt
 from fastdeploy_otel import _export_process
 from fastdeploy_otel import api as fdt_api
+from tests.support.helpers import read_mirror
 from tests.support.lifecycles import MIXED
 
 SPANS_PER_MIXED = 10
@@ -201,3 +202,67 @@ def test_a_flush_the_child_cannot_finish_in_time_returns_false(tmp_path):
     finally:
         hole.close()
     assert accounted(st) == st["spans_built"] == 5 * SPANS_PER_MIXED
+
+
+# ---- the trace.log mirror, written by the export process -----------------------------------------------
+LINES_PER_MIXED = len(MIXED)
+
+
+def mirrored(tmp_path) -> list[dict[str, str]]:
+    return read_mirror(str(tmp_path / "log"))
+
+
+def test_the_child_writes_the_mirror_with_the_serving_process_pid(traced, tmp_path):
+    traced()
+    for i in range(20):
+        replay(f"lines-{i}")
+    assert fdt.flush(10)
+    lines = mirrored(tmp_path)
+    assert len(lines) == 20 * LINES_PER_MIXED
+    assert {line["pid"] for line in lines} == {str(os.getpid())}  # the serving process's, not the child's
+    assert fdt_api._runtime.mirror.lines_written == 0 and channel().lines_written == 20 * LINES_PER_MIXED
+    assert fdt.stats()["mirror_lines"] == 20 * LINES_PER_MIXED and fdt.stats()["mirror_lines_failed"] == 0
+
+
+def test_a_killed_child_loses_no_line(traced, tmp_path):
+    """The batches a dead child had not said it wrote are written here: every line at least once."""
+    traced()
+    for i in range(10):
+        replay(f"kill-{i}")
+    fdt_api._runtime.flush()  # handed to the child, maybe not written yet
+    first = channel()._proc
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait(5)
+    for i in range(10, 20):
+        replay(f"kill-{i}")
+    fdt.flush(5)
+    expected = {(f"kill-{i}", event.name) for i in range(20) for event, _ in MIXED}
+    deadline = time.monotonic() + 10
+    while {(line["request_id"], line["event"]) for line in mirrored(tmp_path)} != expected:
+        assert time.monotonic() < deadline, len(mirrored(tmp_path))
+        time.sleep(0.1)
+    # A batch can be written twice only if the child died between writing it and saying so.
+    assert len(mirrored(tmp_path)) <= len(expected) + 10 * LINES_PER_MIXED
+
+
+def test_a_frozen_child_lines_are_written_here_after_the_stale_time(traced, tmp_path, monkeypatch):
+    monkeypatch.setattr(_export_process, "_LINES_STALE_S", 0.5)
+    traced()
+    assert fdt.flush(5)  # the child is up and answering
+    child = channel()._proc
+    os.kill(child.pid, signal.SIGSTOP)
+    try:
+        for i in range(10):
+            replay(f"frozen-lines-{i}")
+        expected = {(f"frozen-lines-{i}", event.name) for i in range(10) for event, _ in MIXED}
+        t0 = time.monotonic()
+        while {(line["request_id"], line["event"]) for line in mirrored(tmp_path)} != expected:
+            assert time.monotonic() - t0 < 5, len(mirrored(tmp_path))
+            time.sleep(0.05)
+        assert fdt_api._runtime.mirror.lines_written >= len(expected)  # here, not by the frozen child
+        assert fdt.flush(timeout=0.3) is False
+    finally:
+        os.kill(child.pid, signal.SIGCONT)
+    replay("after-thaw")
+    assert fdt.flush(10)
+    assert {line["request_id"] for line in mirrored(tmp_path)} >= {"after-thaw"}

@@ -13,7 +13,9 @@ def read_mirror(log_dir: str) -> list[dict[str, str]]:
     if not os.path.exists(path):
         return []
     with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
+        text = f.read()
+    # A line still being written (another process appends as we read) is not a line yet.
+    lines = text[: text.rfind("\n") + 1].splitlines()
     parsed = [parse_line(line) for line in lines]
     assert all(p is not None for p in parsed), [line for line, p in zip(lines, parsed, strict=True) if p is None]
     return parsed  # type: ignore[return-value]
