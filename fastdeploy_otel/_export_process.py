@@ -118,6 +118,7 @@ class ProcessChannel(SpanProcessor):
         self._lines_number = 0
         self._lines_acked = 0  # the last batch the child has written
         self._lines_here_until = 0  # after a take-back: lines are written here until the child has caught up
+        self._answered = False  # the child has answered once: it is up (starting takes ~0.5 s) and takes lines
         self._max_queue: int = options.get("max_queue_size", 8192)
         self._pending: collections.deque[WireSpan | ReadableSpan] = collections.deque()
         self._outbox: collections.deque[_Frame] = collections.deque()
@@ -207,8 +208,8 @@ class ProcessChannel(SpanProcessor):
         try:
             if self._proc is None or self._outbox_bytes > _MAX_OUTBOX_BYTES // 2:
                 return False
-            self._check_lines(time.monotonic())
-            if self._lines_acked < self._lines_here_until:
+            self._check_lines(time.monotonic())  # may find the child gone
+            if self._proc is None or not self._answered or self._lines_acked < self._lines_here_until:
                 return False
             self._lines_number += 1
             data = _frame(("lines", self._lines_number, list(map(tuple, records))))
@@ -368,6 +369,7 @@ class ProcessChannel(SpanProcessor):
                 break
             try:
                 _, seq, counters, logs, done = pickle.loads(bytes(buf[4 : 4 + size]))
+                self._answered = True
                 self._acked = max(self._acked, seq)
                 if not done:  # a flush the child could not finish in time
                     self._unfinished = seq
@@ -431,12 +433,15 @@ class ProcessChannel(SpanProcessor):
         self._replies.clear()
         self._child = dict.fromkeys(_COUNTERS, 0)
         self._lines_acked = 0
+        self._answered = False
         self._sent_to_child = 0
         self._head_sent = 0  # a frame cut short by the last child's death is sent whole again
         self._acked = self._seq
         hello = _frame(self._hello)
         self._outbox.appendleft(_Frame(hello, 0))
         self._outbox_bytes += len(hello)
+        self._status_asked = time.monotonic()
+        self._send_control("status")  # its answer says it is up: lines are written here until then
 
     def _schedule_restart(self) -> None:
         self._next_start = time.monotonic() + _BACKOFF_S[min(self._restarts, len(_BACKOFF_S) - 1)]

@@ -214,6 +214,7 @@ def mirrored(tmp_path) -> list[dict[str, str]]:
 
 def test_the_child_writes_the_mirror_with_the_serving_process_pid(traced, tmp_path):
     traced()
+    assert fdt.flush(10)  # the child has answered: it is up (until then this process writes the lines)
     for i in range(20):
         replay(f"lines-{i}")
     assert fdt.flush(10)
@@ -227,6 +228,7 @@ def test_the_child_writes_the_mirror_with_the_serving_process_pid(traced, tmp_pa
 def test_a_killed_child_loses_no_line(traced, tmp_path):
     """The batches a dead child had not said it wrote are written here: every line at least once."""
     traced()
+    assert fdt.flush(10)  # the child is up and takes the lines
     for i in range(10):
         replay(f"kill-{i}")
     fdt_api._runtime.flush()  # handed to the child, maybe not written yet
@@ -266,3 +268,12 @@ def test_a_frozen_child_lines_are_written_here_after_the_stale_time(traced, tmp_
     replay("after-thaw")
     assert fdt.flush(10)
     assert {line["request_id"] for line in mirrored(tmp_path)} >= {"after-thaw"}
+
+
+def test_until_the_child_has_answered_the_lines_are_written_here(traced, tmp_path):
+    """A starting child takes about half a second: lines must not wait for it."""
+    traced()
+    replay("early")
+    fdt_api._runtime.flush()  # the worker's flush, before anyone read an answer from the child
+    assert [line["event"] for line in mirrored(tmp_path)] == [event.name for event, _ in MIXED]
+    assert fdt_api._runtime.mirror.lines_written == LINES_PER_MIXED
