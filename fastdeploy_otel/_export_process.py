@@ -111,7 +111,9 @@ class ProcessChannel(SpanProcessor):
     ) -> None:
         """`write_lines`: the parent's own mirror writer; given, the child writes the mirror lines too."""
         self.target = target
-        mirror = (settings.log_dir, settings.backup_count, os.getpid()) if write_lines is not None else None
+        # The absolute directory: a child started after the application changed directory writes the same file.
+        log_dir = os.path.abspath(settings.log_dir)
+        mirror = (log_dir, settings.backup_count, os.getpid()) if write_lines is not None else None
         self._hello = ("hello", settings, dict(resource.attributes), resource.schema_url, options, mirror)
         self._write_here = write_lines
         self._unwritten: collections.deque[_Lines] = collections.deque()  # handed to the child, not yet written
@@ -243,13 +245,14 @@ class ProcessChannel(SpanProcessor):
     def _take_back_lines(self) -> None:
         """Write here what the child has not written (it died, stalls, or a deadline passed).  Batches
         not yet sent leave the outbox; one a live child has (or is being sent) it may still write."""
-        if not self._unwritten:
-            return
         started = self._head_sent > 0 and self._proc is not None
         kept = [f for i, f in enumerate(self._outbox) if not f.lines or (i == 0 and started)]
         unsent = {f.lines for f in self._outbox if f.lines} - {f.lines for f in kept}
-        self._outbox = collections.deque(kept)
-        self._outbox_bytes = sum(len(f.data) for f in kept)
+        if len(kept) != len(self._outbox):  # (a head frame kept after a stall goes when the child does)
+            self._outbox = collections.deque(kept)
+            self._outbox_bytes = sum(len(f.data) for f in kept)
+        if not self._unwritten:
+            return
         batches = list(self._unwritten)
         self._unwritten.clear()
         if self._proc is not None:  # the child may still write what it has: wait for that before handing more
@@ -528,6 +531,7 @@ class ProcessChannel(SpanProcessor):
                 return not self._pending and not self._outbox
             seq = self._send_control("flush", max(0.0, deadline - time.monotonic() - _REPLY_MARGIN_S))
             done = self._wait_for(seq, deadline) and self._unfinished != seq
+            self._read_replies()  # "written" answers not read yet (a deadline already past reads none)
             self._take_back_lines()  # the child writes lines before it flushes: these it did not reach
             return done
 

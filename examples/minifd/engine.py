@@ -197,7 +197,8 @@ class Engine:
         for req, exc in failed:
             with self._lock:
                 live = req in self.running or req in self.waiting
-            self._fail(req, exc, free=live)  # a finished request has freed its blocks already
+            if live:  # else its end was reported already (an earlier failure, or an abort)
+                self._fail(req, exc)
         for rid in aborts:
             self._abort(rid)
         prefills = self._admit()
@@ -413,6 +414,11 @@ class Engine:
             except Exception as exc:  # this request fails (its client hears of it); the loop goes on
                 if res.error is not None or res.aborted:
                     log.exception("could not report the end of %r", res.req.rid)
+                elif res.finish_reason:  # the scheduler has let go of it already: say so from here
+                    try:
+                        self._process(StepResult(res.req, error=exc))
+                    except Exception:
+                        log.exception("could not report the failure of %r", res.req.rid)
                 else:
                     self._process_failed(res.req, exc)
 
