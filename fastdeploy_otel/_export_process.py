@@ -214,8 +214,15 @@ class ProcessChannel(SpanProcessor):
             if self._proc is None or not self._answered or self._lines_acked < self._lines_here_until:
                 return False
             self._lines_number += 1
-            data = _frame(("lines", self._lines_number, list(map(tuple, records))))
-            self._queue_frame(_Frame(data, 0, self._lines_number))
+            frame = _Frame(_frame(("lines", self._lines_number, list(map(tuple, records)))), 0, self._lines_number)
+            # Ahead of the span frames waiting (a child behind on encoding must not hold trace.log
+            # back), behind a frame begun and the lines before it.
+            at = 1 if self._head_sent else 0
+            for i, f in enumerate(self._outbox):
+                if f.lines:
+                    at = max(at, i + 1)
+            self._outbox.insert(at, frame)
+            self._outbox_bytes += len(frame.data)
             self._unwritten.append(_Lines(self._lines_number, time.monotonic(), records))
             return True
         except Exception:  # never: the records hold plain values; but the caller can still write them
@@ -428,10 +435,11 @@ class ProcessChannel(SpanProcessor):
         os.close(reply_w)
         for fd in (data_w, reply_r):
             os.set_blocking(fd, False)
-        try:
-            fcntl.fcntl(data_w, _F_SETPIPE_SZ, _PIPE_SIZE)
-        except OSError:
-            pass  # a smaller pipe only means more frames wait in the outbox
+        for fd in (data_w, reply_r):  # the child answers each batch of lines: room for a second of them
+            try:
+                fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_SIZE)
+            except OSError:
+                pass  # a smaller pipe only means more frames wait in the outbox
         self._proc, self._data_fd, self._reply_fd = proc, data_w, reply_r
         self._replies.clear()
         self._child = dict.fromkeys(_COUNTERS, 0)

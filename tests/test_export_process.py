@@ -277,3 +277,28 @@ def test_until_the_child_has_answered_the_lines_are_written_here(traced, tmp_pat
     fdt_api._runtime.flush()  # the worker's flush, before anyone read an answer from the child
     assert [line["event"] for line in mirrored(tmp_path)] == [event.name for event, _ in MIXED]
     assert fdt_api._runtime.mirror.lines_written == LINES_PER_MIXED
+
+
+def test_lines_wait_ahead_of_spans_for_a_child_behind(traced, monkeypatch):
+    """A child behind on encoding spans must not hold trace.log back: line batches queue ahead of
+    the span frames waiting for it, in their own order."""
+    monkeypatch.setattr(_export_process, "_PIPE_SIZE", 64 * 1024)
+    monkeypatch.setattr(_export_process, "_LINES_STALE_S", 60.0)
+    traced()
+    assert fdt.flush(5)
+    child = channel()._proc
+    os.kill(child.pid, signal.SIGSTOP)
+    try:
+        for i in range(200):
+            replay(f"behind-{i}")
+            if i % 20 == 0:
+                fdt_api._runtime.flush()
+        fdt_api._runtime.flush()
+        frames = list(channel()._outbox)[1:]  # the head may be a frame begun
+        kinds = ["lines" if f.lines else "spans" if f.spans else "control" for f in frames]
+        assert "lines" in kinds and "spans" in kinds, kinds
+        assert kinds.index("spans") > max(i for i, k in enumerate(kinds) if k == "lines"), kinds
+        numbers = [f.lines for f in frames if f.lines]
+        assert numbers == sorted(numbers)
+    finally:
+        os.kill(child.pid, signal.SIGCONT)

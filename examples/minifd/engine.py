@@ -200,7 +200,10 @@ class Engine:
             if live:  # else its end was reported already (an earlier failure, or an abort)
                 self._fail(req, exc)
         for rid in aborts:
-            self._abort(rid)
+            try:
+                self._abort(rid)
+            except Exception:  # one abort must not cost the others or the step
+                log.exception("aborting %r failed", rid)
         prefills = self._admit()
         decodes = self._reserve_decode_slots([r for r in self.running if r not in prefills])
         if not prefills and not decodes:
@@ -302,16 +305,18 @@ class Engine:
             self.waiting.insert(0, req)
 
     def _abort(self, rid: str) -> None:
-        with self._lock:
-            found = [r for r in self.running + self.waiting if r.rid == rid]
-            self.running = [r for r in self.running if r.rid != rid]
-            self.waiting = [r for r in self.waiting if r.rid != rid]
-        if found:
-            self.cache.free(rid)
-            fdt.abort_request(rid, "client disconnected")
-        # Always acknowledged, found or not: until then the API server holds the id, so that a new
-        # request with the same id can never meet this one's blocks, outputs or abort.
-        self._outputs.put(StepResult(Request(rid=rid, user=None), aborted=True))
+        try:
+            with self._lock:
+                found = [r for r in self.running + self.waiting if r.rid == rid]
+                self.running = [r for r in self.running if r.rid != rid]
+                self.waiting = [r for r in self.waiting if r.rid != rid]
+            if found:
+                self.cache.free(rid)
+                fdt.abort_request(rid, "client disconnected")
+        finally:
+            # Always acknowledged, found or not: until then the API server holds the id, so that a new
+            # request with the same id can never meet this one's blocks, outputs or abort.
+            self._outputs.put(StepResult(Request(rid=rid, user=None), aborted=True))
 
     def _fail(self, req: Request, exc: BaseException, free: bool = True) -> None:
         with self._lock:
@@ -432,7 +437,8 @@ class Engine:
     def _process(self, res: StepResult) -> None:
         req = res.req
         if res.aborted:
-            send(self._send, {"type": "aborted", "request_id": req.rid})
+            if not send(self._send, {"type": "aborted", "request_id": req.rid}):
+                log.error("the API server is not reading; it will free the id %r after its own deadline", req.rid)
             return
         if res.error is not None:
             fdt.record_error(req.rid, res.error)

@@ -56,6 +56,7 @@ MAX_SEED = 2**63 - 1
 MIN_TEMPERATURE = 1e-5  # below this (but not 0) softmax(logits / T) overflows to NaN
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a bias value
 SUBMIT_WAIT_S = 1.0  # how long a request may wait for the engine's queue before it gets 503
+ABORTED_HOLD_S = 30.0  # an aborted id stays taken until the engine acknowledges it, at most this long
 
 
 class BadRequest(ValueError):
@@ -160,10 +161,13 @@ class EngineClient:
         self._pull = self._ctx.socket(zmq.PULL)
         self._pull.setsockopt(zmq.LINGER, 0)
         self._pull.bind(recv_addr)
-        # engine id -> (loop, queue) of the waiting handler, or None once aborted: the id stays taken
-        # until the engine says it has let go of it, so that a new request cannot meet the old one's outputs.
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue] | None] = {}
-        self._lock = threading.Lock()
+        # engine id -> (loop, queue) of the waiting handler
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        # Ids the engine was told to drop (or that failed while it was unhealthy), with when: taken
+        # until it says it has let go ("aborted"), at most ABORTED_HOLD_S, so that a new request with
+        # the same id cannot meet the old one's outputs, blocks or abort.
+        self._aborted: dict[str, float] = {}
+        self._lock = threading.Lock()  # the maps above, and the push socket (not thread-safe)
         self.ready = threading.Event()  # the engine has said hello at least once
         self.state: Literal["starting", "ok", "unhealthy"] = "starting"
         self.reason = "waiting for the engine to start"
@@ -183,6 +187,9 @@ class EngineClient:
             if msg is not None:
                 self._last_seen = time.monotonic()
                 self._on_message(msg)
+            if self._aborted:
+                with self._lock:  # bounded: ids the engine never acknowledged go after ABORTED_HOLD_S
+                    self._expire_aborted(time.monotonic())
             if self.state == "ok" and time.monotonic() - self._last_seen > self._timeout_s:
                 self._fail_all(f"no heartbeat from the engine for {self._timeout_s:g}s: it is dead or stuck")
 
@@ -201,11 +208,10 @@ class EngineClient:
             return
         rid = msg.get("request_id")
         with self._lock:
-            target = self._streams.get(rid)  # type: ignore[arg-type]
             if kind == "aborted":
-                if target is None:
-                    self._streams.pop(rid, None)  # type: ignore[arg-type]
+                self._aborted.pop(rid, None)  # type: ignore[arg-type]
                 return
+            target = self._streams.get(rid)  # type: ignore[arg-type]
         if target is not None:
             loop, q = target
             loop.call_soon_threadsafe(q.put_nowait, msg)
@@ -217,16 +223,29 @@ class EngineClient:
         log.error("engine unhealthy: %s; failing %d in-flight requests", reason, len(self._streams))
         self.state, self.reason = "unhealthy", reason
         with self._lock:
-            for rid in [rid for rid, target in self._streams.items() if target is None]:
-                del self._streams[rid]  # aborted ids: a dead engine will not acknowledge them
             targets = list(self._streams.items())
-        for rid, (loop, q) in targets:  # type: ignore[misc]
+            now = time.monotonic()
+            for rid, _ in targets:  # a stuck engine that recovers may still hold them: told to drop them
+                self._aborted[rid] = now
+                send(self._push, {"type": "abort", "request_id": rid}, block=False)
+        for rid, (loop, q) in targets:
             with contextlib.suppress(RuntimeError):  # that handler's loop is closed: nobody waits
                 loop.call_soon_threadsafe(q.put_nowait, {"request_id": rid, "finished": True, "engine_failure": reason})
 
     def in_flight(self, engine_rid: str) -> bool:
         with self._lock:
-            return engine_rid in self._streams
+            self._expire_aborted(time.monotonic())
+            return engine_rid in self._streams or engine_rid in self._aborted
+
+    def _expire_aborted(self, now: float) -> None:
+        """Ids whose abort the engine never acknowledged (a lost message, a restarted engine) are free
+        again after ABORTED_HOLD_S (caller holds the lock)."""
+        expired = [rid for rid, since in self._aborted.items() if now - since > ABORTED_HOLD_S]
+        for rid in expired:
+            del self._aborted[rid]
+        if expired:
+            log.warning("the engine did not acknowledge dropping %d requests within %gs; their ids are free again",
+                        len(expired), ABORTED_HOLD_S)
 
     async def submit(self, payload: dict[str, Any]) -> asyncio.Queue:
         """Queue the request for the engine without blocking the event loop: non-blocking sends, retried
@@ -238,7 +257,7 @@ class EngineClient:
         with self._lock:
             self._streams[rid] = (asyncio.get_running_loop(), q)
         deadline = time.monotonic() + SUBMIT_WAIT_S
-        while not send(self._push, payload, block=False):
+        while not self._send(payload):
             if not self.healthy or time.monotonic() > deadline:
                 with self._lock:
                     self._streams.pop(rid, None)
@@ -255,12 +274,16 @@ class EngineClient:
             target = self._streams.get(engine_rid)
             if target is None or target[1] is not q:
                 return False
-            aborting = abort and self.healthy and send(self._push, {"type": "abort", "request_id": engine_rid}, block=False)
-            if aborting:
-                self._streams[engine_rid] = None
-            else:
-                del self._streams[engine_rid]
+            del self._streams[engine_rid]
+            if abort:  # taken until the engine says it dropped it (a lost abort: ABORTED_HOLD_S)
+                self._aborted[engine_rid] = time.monotonic()
+                if self.healthy:
+                    send(self._push, {"type": "abort", "request_id": engine_rid}, block=False)
         return True
+
+    def _send(self, payload: dict[str, Any]) -> bool:
+        with self._lock:
+            return send(self._push, payload, block=False)
 
     def close(self) -> None:
         self._stop.set()
