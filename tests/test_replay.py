@@ -401,6 +401,31 @@ def test_round_trip_live_spans_equal_the_spans_replayed_from_the_mirror(tmp_path
     _compare(read_spans(spans_file), read_spans(tmp_path / "replayed.jsonl"), skip_requests={"chatcmpl-open"})
 
 
+def test_a_batch_of_mirror_lines_written_twice_replays_once(tmp_path, capsys):
+    """The mirror is written at least once (an export process that dies between writing a batch and
+    saying so has it written again): the repeats are skipped, counted, and the spans are the live ones."""
+    log, spans_file = tmp_path / "log", tmp_path / "live.jsonl"
+    fdt.configure(env={}, mode="all", exporter="none", json_file=str(spans_file), log_dir=str(log), strict=True,
+                  flush_interval_s=0.05)
+    try:
+        for k in range(4):
+            for event, kwargs in MIXED:
+                time.sleep(0.0005)
+                fdt.trace_print(event, f"chatcmpl-twice{k}", "user-1", **kwargs)
+            fdt.finish_request(f"chatcmpl-twice{k}")
+    finally:
+        fdt.shutdown()
+    path = os.path.realpath(log / "trace.log")
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    with open(path, "a", encoding="utf-8") as f:
+        f.writelines(lines[10:40])  # a batch again, after the lines that followed it
+    rc, _, err = replay(capsys, str(log), "--jsonl", str(tmp_path / "replayed.jsonl"))
+    assert rc == 0, err
+    assert "30 repeated mirror lines skipped" in err
+    _compare(read_spans(spans_file), read_spans(tmp_path / "replayed.jsonl"))
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     pytest.importorskip("paddle")

@@ -107,6 +107,9 @@ class ReplayIds:
         self._opened.pop(trace_id, None)
 
 
+_SEEN_GENERATION = 65_536  # mirror lines remembered for spotting repeats: one to two generations
+
+
 class Replayer:
     """Feeds lines to an Assembler and hands each ended request's spans to `emit`, marked replayed."""
 
@@ -132,6 +135,12 @@ class Replayer:
         self._next_sweep = 4096
         self.requests = 0  # requests ended (spans emitted)
         self.incomplete = 0
+        # A mirror is written at least once: a batch its export process wrote but could not acknowledge
+        # is written again.  Such a repeat (same span, event, millisecond, request) is skipped and counted;
+        # two generations of recent keys bound the memory.
+        self.duplicates = 0
+        self._seen: set[tuple] = set()
+        self._seen_before: set[tuple] = set()
         self.last_ns = 0
 
     @property
@@ -163,8 +172,17 @@ class Replayer:
         pinned = self._pinned
         last_ns = self.last_ns
         fed, next_sweep = self._fed, self._next_sweep
+        seen, seen_before = self._seen, self._seen_before
         for line in lines:
             ts_ms, rid, event, user, trace_id, span_id = line
+            if span_id:  # a mirror line
+                mark = (span_id, event, ts_ms, rid)
+                if mark in seen or mark in seen_before:
+                    self.duplicates += 1
+                    continue
+                seen.add(mark)
+                if len(seen) >= _SEEN_GENERATION:
+                    self._seen_before, self._seen = seen_before, seen = seen, set()
             req = requests.get(rid)
             if req is not None:
                 key = rid

@@ -361,7 +361,8 @@ def _report(
     where = f"{len(files)} files" if files else ", ".join(opts.paths)
     print(
         f"replayed {state.lines:,} lines from {where} in {seconds:.1f}s ({rate:,.0f} lines/s): "
-        f"{replayer.requests:,} requests ({replayer.incomplete:,} incomplete), {outputs.emitted:,} spans",
+        f"{replayer.requests:,} requests ({replayer.incomplete:,} incomplete), {outputs.emitted:,} spans"
+        + (f"; {replayer.duplicates:,} repeated mirror lines skipped" if replayer.duplicates else ""),
         file=err,
     )
     status = 0
