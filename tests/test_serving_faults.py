@@ -192,6 +192,7 @@ def _start_long_requests(base_url: str, n_stream: int, n_plain: int) -> tuple[li
             with httpx.Client(base_url=base_url, timeout=60) as c, c.stream("POST", "/v1/completions",
                                                                              json={**LONG, "stream": True}) as r:
                 out["trace_id"] = r.headers["x-trace-id"]
+                out["request_id"] = r.headers["x-request-id"]
                 out["lines"] = []
                 for line in r.iter_lines():
                     if line.startswith("data: "):
@@ -269,6 +270,10 @@ def test_stack_engine_sigkill_mid_stream_then_a_new_engine(tmp_path, receiver):
         s._wait_healthy()
         resp = httpx.post(s.base_url + "/v1/completions", json={"prompt": "again", "max_tokens": 3}, timeout=30)
         assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] >= 1, resp.text
+        # The ids the dead engine held are free with the new one (held otherwise, in case it came back).
+        reused = httpx.post(s.base_url + "/v1/completions", json={"prompt": "again", "max_tokens": 2},
+                            headers={"X-Request-Id": results[0]["request_id"]}, timeout=30)
+        assert reused.status_code == 200, reused.text
 
 
 def test_engine_thread_crash_marks_the_engine_unhealthy_and_it_exits(tmp_path, receiver):

@@ -199,6 +199,8 @@ class EngineClient:
             if kind == "ready":
                 self.device = str(msg.get("device", "unknown"))
                 self.ready.set()
+                with self._lock:  # a new engine process holds none of the old one's requests
+                    self._aborted.clear()
             if msg.get("healthy", True):
                 if self.ready.is_set() and self.state != "ok":
                     log.warning("the engine is healthy again")
