@@ -232,6 +232,9 @@ class OtelSink:
         self._ids = _PresetIds()
         self.tracer = self._preset_tracer()
         self.sampler = self.provider.sampler
+        # The default sampler decides by the parent's flag alone: asked for every request, that
+        # decision is taken here without the SDK's SamplingResult (about 3 us a call).
+        self._by_parent = not self.attached and settings.sampler == "parentbased_always_on"
         self.built = 0
         # With the application's provider, its processors may block (SimpleSpanProcessor): replay there
         # from a thread of ours, behind the same bounded queue.
@@ -272,6 +275,9 @@ class OtelSink:
         )
 
     def should_sample(self, ctx: Context | None, trace_id: int) -> bool:
+        if self._by_parent:
+            parent = trace.get_current_span(ctx).get_span_context()
+            return parent.trace_flags.sampled if parent.is_valid else True
         result = self.sampler.should_sample(ctx, trace_id, "fastdeploy.request", SpanKind.INTERNAL)
         return result.decision is Decision.RECORD_AND_SAMPLE
 

@@ -35,3 +35,30 @@ def test_attaches_to_an_existing_tracer_provider(receiver, tmp_path):
     """)
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr
+
+
+def test_the_default_samplers_shortcut_decides_as_the_sdk_sampler(tmp_path):
+    """parentbased_always_on is decided from the parent's flag without the SDK; the same decisions."""
+    from opentelemetry import trace
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+    from fastdeploy_otel import api
+    from fastdeploy_otel._export import make_sampler
+
+    fdt.configure(env={}, mode="all", exporter="none", log_dir=str(tmp_path))
+    try:
+        sink = api._runtime.sink
+        assert sink._by_parent
+        sdk = make_sampler(sink.settings)
+        contexts = [None]
+        for remote in (False, True):
+            for flags in (TraceFlags.SAMPLED, TraceFlags.DEFAULT):
+                parent = SpanContext(0xAB, 0xCD, is_remote=remote, trace_flags=TraceFlags(flags))
+                contexts.append(trace.set_span_in_context(NonRecordingSpan(parent)))
+        contexts.append(trace.set_span_in_context(NonRecordingSpan(SpanContext(0, 0, False))))  # invalid parent
+        for ctx in contexts:
+            expected = sdk.should_sample(ctx, 0x1234, "x").decision.is_sampled()
+            assert sink.should_sample(ctx, 0x1234) is expected
+        assert [sink.should_sample(c, 1) for c in contexts] == [True, True, False, True, False, True]
+    finally:
+        fdt.shutdown()
