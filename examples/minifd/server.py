@@ -167,6 +167,7 @@ class EngineClient:
         # until it says it has let go ("aborted"), at most ABORTED_HOLD_S, so that a new request with
         # the same id cannot meet the old one's outputs, blocks or abort.
         self._aborted: dict[str, float] = {}
+        self._next_expiry = 0.0
         self._lock = threading.Lock()  # the maps above, and the push socket (not thread-safe)
         self.ready = threading.Event()  # the engine has said hello at least once
         self.state: Literal["starting", "ok", "unhealthy"] = "starting"
@@ -187,9 +188,11 @@ class EngineClient:
             if msg is not None:
                 self._last_seen = time.monotonic()
                 self._on_message(msg)
-            if self._aborted:
-                with self._lock:  # bounded: ids the engine never acknowledged go after ABORTED_HOLD_S
-                    self._expire_aborted(time.monotonic())
+            now = time.monotonic()
+            if self._aborted and now >= self._next_expiry:  # bounded: unacknowledged ids go after ABORTED_HOLD_S
+                self._next_expiry = now + 1.0
+                with self._lock:
+                    self._expire_aborted(now)
             if self.state == "ok" and time.monotonic() - self._last_seen > self._timeout_s:
                 self._fail_all(f"no heartbeat from the engine for {self._timeout_s:g}s: it is dead or stuck")
 
@@ -236,8 +239,15 @@ class EngineClient:
 
     def in_flight(self, engine_rid: str) -> bool:
         with self._lock:
+            if engine_rid in self._streams:
+                return True
+            since = self._aborted.get(engine_rid)
+            if since is None:
+                return False
+            if time.monotonic() - since <= ABORTED_HOLD_S:
+                return True
             self._expire_aborted(time.monotonic())
-            return engine_rid in self._streams or engine_rid in self._aborted
+            return False
 
     def _expire_aborted(self, now: float) -> None:
         """Ids whose abort the engine never acknowledged (a lost message, a restarted engine) are free
