@@ -324,9 +324,11 @@ class Engine:
                 self.running.remove(req)
             if req in self.waiting:
                 self.waiting.remove(req)
-        if free:
-            self.cache.free(req.rid)
-        self._outputs.put(StepResult(req, error=exc))
+        try:
+            if free:
+                self.cache.free(req.rid)
+        finally:  # its client hears of it whatever the cache does
+            self._outputs.put(StepResult(req, error=exc))
 
     def _after_step(self, res: StepResult) -> None:
         req = res.req
