@@ -435,6 +435,21 @@ def demo(tmp_path_factory):
     return out
 
 
+def test_the_demos_merged_trace_log_replays_as_its_per_process_logs(demo, tmp_path, capsys):
+    """The demo's one trace.log orders the processes' lines of one millisecond by the lifecycle, as
+    the replay of the separate files does (it split requests: the API's POSTPROCESSING_END came before
+    the engine's INFERENCE_END of the same ms)."""
+    rc, _, err_logs = replay(capsys, str(demo / "logs"), "--jsonl", str(tmp_path / "logs.jsonl"))
+    assert rc == 0, err_logs
+    rc, _, err_merged = replay(capsys, str(demo / "trace.log"), "--jsonl", str(tmp_path / "merged.jsonl"))
+    assert rc == 0, err_merged
+    per_process, merged = read_spans(tmp_path / "logs.jsonl"), read_spans(tmp_path / "merged.jsonl")
+    assert sorted((s.trace_id, s.span_id, s.name) for s in merged) == sorted(
+        (s.trace_id, s.span_id, s.name) for s in per_process)
+    count = re.compile(r"(\d+) requests \((\d+) incomplete\)")
+    assert count.search(err_merged).groups() == count.search(err_logs).groups()
+
+
 def test_round_trip_of_a_demo_run(demo, tmp_path, capsys):
     """Two processes (API server, engine), stages handed across, preemptions, cache events, errors:
     the replay of their trace.log files has the live ids, parents, events and times; an aborted

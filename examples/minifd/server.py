@@ -206,7 +206,10 @@ class EngineClient:
                     self._aborted.clear()
             if msg.get("healthy", True):
                 if self.ready.is_set() and self.state != "ok":
-                    log.warning("the engine is healthy again")
+                    if self.state == "unhealthy":
+                        log.warning("the engine is healthy again")
+                    else:
+                        log.info("the engine is ready (%s)", self.device)
                     self.state, self.reason = "ok", ""
             else:
                 self._fail_all(f"the engine reports: {msg.get('reason') or 'unhealthy'}")

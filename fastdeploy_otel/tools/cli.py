@@ -69,22 +69,34 @@ def _example_stack() -> None:
 
 
 def _merge_mirrors(log_dir: str, out_path: str) -> int:
-    """One trace.log for the demo: each process's lines, merged in timestamp order."""
-    from ..mirror import parse_line
+    """One trace.log for the demo: each process's lines, merged by timestamp and, within one
+    millisecond, by the event's place in the lifecycle (``ordering.RANK``, as a replay of the separate
+    files orders them: the engine's INFERENCE_END before the API server's POSTPROCESSING_END).
+    Each file's own lines keep their order."""
+    import heapq
 
-    lines: list[tuple[int, int, str]] = []
-    for n, role in enumerate(sorted(os.listdir(log_dir))):
+    from ..events import lookup
+    from ..mirror import parse_line
+    from .ordering import RANK
+
+    streams: list[list[tuple[tuple[int, int], str]]] = []
+    for role in sorted(os.listdir(log_dir)):
         path = os.path.join(log_dir, role, "trace.log")
         if not os.path.isfile(path):
             continue
+        keyed = []
         with open(path, encoding="utf-8") as f:
             for line in f:
                 fields = parse_line(line)
-                lines.append((int(fields["timestamp"]) if fields else 0, n, line))
-    lines.sort(key=lambda t: (t[0], t[1]))
+                event = lookup(fields["event"]) if fields else None
+                keyed.append(((int(fields["timestamp"]) if fields else 0, RANK.get(event, 0) if event else 0), line))
+        streams.append(keyed)
+    count = 0
     with open(out_path, "w", encoding="utf-8") as f:
-        f.writelines(line for _, _, line in lines)
-    return len(lines)
+        for _, line in heapq.merge(*streams, key=lambda kv: kv[0]):
+            f.write(line)
+            count += 1
+    return count
 
 
 def _merge_json(json_dir: str, out_path: str) -> None:
