@@ -324,11 +324,12 @@ class Engine:
                 self.running.remove(req)
             if req in self.waiting:
                 self.waiting.remove(req)
-        try:
-            if free:
+        if free:
+            try:
                 self.cache.free(req.rid)
-        finally:  # its client hears of it whatever the cache does
-            self._outputs.put(StepResult(req, error=exc))
+            except Exception:  # its client still hears of it, once; the other requests carry on
+                log.exception("freeing the blocks of failed request %r failed", req.rid)
+        self._outputs.put(StepResult(req, error=exc))
 
     def _after_step(self, res: StepResult) -> None:
         req = res.req

@@ -226,16 +226,16 @@ class EngineClient:
 
     def _fail_all(self, reason: str) -> None:
         """Unhealthy: every waiting handler gets a final message, so nothing waits for a dead engine."""
-        if self.state == "unhealthy":
-            return
-        log.error("engine unhealthy: %s; failing %d in-flight requests", reason, len(self._streams))
-        self.state, self.reason = "unhealthy", reason
-        with self._lock:
+        with self._lock:  # with submit's registration: a request is either in the list or refused
+            if self.state == "unhealthy":
+                return
+            self.state, self.reason = "unhealthy", reason
             targets = list(self._streams.items())
             now = time.monotonic()
             for rid, _ in targets:  # a stuck engine that recovers may still hold them: told to drop them
                 self._aborted[rid] = now
                 send(self._push, {"type": "abort", "request_id": rid}, block=False)
+        log.error("engine unhealthy: %s; failing %d in-flight requests", reason, len(targets))
         for rid, (loop, q) in targets:
             with contextlib.suppress(RuntimeError):  # that handler's loop is closed: nobody waits
                 loop.call_soon_threadsafe(q.put_nowait, {"request_id": rid, "finished": True, "engine_failure": reason})
@@ -265,11 +265,11 @@ class EngineClient:
     async def submit(self, payload: dict[str, Any]) -> asyncio.Queue:
         """Queue the request for the engine without blocking the event loop: non-blocking sends, retried
         for up to SUBMIT_WAIT_S (a connection still being set up, a full queue); then EngineUnavailable."""
-        if not self.healthy:
-            raise EngineUnavailable(f"the engine is unavailable: {self.reason}")
         q: asyncio.Queue = asyncio.Queue()
         rid = payload["request_id"]
-        with self._lock:
+        with self._lock:  # checked with the registration: _fail_all cannot miss it
+            if not self.healthy:
+                raise EngineUnavailable(f"the engine is unavailable: {self.reason}")
             self._streams[rid] = (asyncio.get_running_loop(), q)
         deadline = time.monotonic() + SUBMIT_WAIT_S
         while not self._send(payload):
@@ -292,8 +292,9 @@ class EngineClient:
             del self._streams[engine_rid]
             if abort:  # taken until the engine says it dropped it (a lost abort: ABORTED_HOLD_S)
                 self._aborted[engine_rid] = time.monotonic()
-                if self.healthy:
-                    send(self._push, {"type": "abort", "request_id": engine_rid}, block=False)
+                # Sent even to an engine thought unhealthy (a stuck one may recover); a dead one's
+                # socket refuses at once.
+                send(self._push, {"type": "abort", "request_id": engine_rid}, block=False)
         return True
 
     def _send(self, payload: dict[str, Any]) -> bool:

@@ -107,7 +107,11 @@ class ReplayIds:
         self._opened.pop(trace_id, None)
 
 
-_SEEN_GENERATION = 65_536  # mirror lines remembered for spotting repeats: one to two generations
+# Mirror lines remembered for spotting a batch written twice, which comes within about 1 s (its export
+# process died) to 3 s and more (it stalled) of the first copy: a generation covers 10 s of log time,
+# two are kept; past _SEEN_MAX lines in one, it turns early (memory before completeness).
+_SEEN_SPAN_MS = 10_000
+_SEEN_MAX = 500_000
 
 
 class Replayer:
@@ -139,8 +143,9 @@ class Replayer:
         # is written again.  Such a repeat (same span, event, millisecond, request) is skipped and counted;
         # two generations of recent keys bound the memory.
         self.duplicates = 0
-        self._seen: set[tuple] = set()
-        self._seen_before: set[tuple] = set()
+        self._seen: set[int] = set()  # hashes of (span id, event, ms, request id)
+        self._seen_before: set[int] = set()
+        self._seen_until = 0  # the log time at which the current generation turns
         self.last_ns = 0
 
     @property
@@ -176,13 +181,14 @@ class Replayer:
         for line in lines:
             ts_ms, rid, event, user, trace_id, span_id = line
             if span_id:  # a mirror line
-                mark = (span_id, event, ts_ms, rid)
+                mark = hash((span_id, event, ts_ms, rid))
                 if mark in seen or mark in seen_before:
                     self.duplicates += 1
                     continue
-                seen.add(mark)
-                if len(seen) >= _SEEN_GENERATION:
+                if ts_ms >= self._seen_until or len(seen) >= _SEEN_MAX:
                     self._seen_before, self._seen = seen_before, seen = seen, set()
+                    self._seen_until = ts_ms + _SEEN_SPAN_MS
+                seen.add(mark)
             req = requests.get(rid)
             if req is not None:
                 key = rid
