@@ -217,11 +217,11 @@ class ProcessChannel(SpanProcessor):
             frame = _Frame(_frame(("lines", self._lines_number, list(map(tuple, records)))), 0, self._lines_number)
             # Ahead of the span frames waiting (a child behind on encoding must not hold trace.log
             # back), behind a frame begun and the lines before it.
+            outbox = self._outbox  # [a frame begun] [lines frames] [span and control frames]
             at = 1 if self._head_sent else 0
-            for i, f in enumerate(self._outbox):
-                if f.lines:
-                    at = max(at, i + 1)
-            self._outbox.insert(at, frame)
+            while at < len(outbox) and outbox[at].lines:
+                at += 1
+            outbox.insert(at, frame)
             self._outbox_bytes += len(frame.data)
             self._unwritten.append(_Lines(self._lines_number, time.monotonic(), records))
             return True
@@ -699,38 +699,39 @@ def serve(stream: Any, reply_fd: int) -> int:
         except OSError:  # the parent has gone: what was sent is still exported, at EOF below
             pass
 
-    while True:
-        message = _read_message(stream)
-        if message is None:  # the parent has gone: export what we hold, within the usual deadline
-            if mirror is not None:
-                mirror.close()
-            channel.begin_shutdown()
-            channel.finish_shutdown(time.monotonic() + settings.shutdown_timeout_s)
-            return 0
-        kind = message[0]
-        if kind == "lines":
-            if mirror is not None:
-                mirror.write([MirrorRecord._make(r) for r in message[2]])
-            lines_acked = message[1]
-            reply(0)  # at once: what a child that dies has written is known, not written twice
-        elif kind == "spans":
-            for w in message[1]:
-                try:
-                    channel.on_end(prepare(WireSpan._make(w)))
-                except Exception:
-                    channel.failed += 1
-                    logger.warning("a span could not be rebuilt for export; dropped (counted)", exc_info=True)
-        elif kind == "flush":
-            reply(message[1], channel.force_flush(int(message[2] * 1000)))
-        elif kind == "status":
-            reply(message[1])
-        elif kind == "close":
-            if mirror is not None:
-                mirror.close()
-            channel.begin_shutdown()
-            channel.finish_shutdown(time.monotonic() + message[2])
-            reply(message[1])
-            return 0
+    try:
+        while True:
+            message = _read_message(stream)
+            if message is None:  # the parent has gone: export what we hold, within the usual deadline
+                channel.begin_shutdown()
+                channel.finish_shutdown(time.monotonic() + settings.shutdown_timeout_s)
+                return 0
+            kind = message[0]
+            if kind == "lines":
+                if mirror is not None:
+                    mirror.write([MirrorRecord._make(r) for r in message[2]])
+                lines_acked = message[1]
+                reply(0)  # at once: what a child that dies has written is known, not written twice
+            elif kind == "spans":
+                for w in message[1]:
+                    try:
+                        channel.on_end(prepare(WireSpan._make(w)))
+                    except Exception:
+                        channel.failed += 1
+                        logger.warning("a span could not be rebuilt for export; dropped (counted)", exc_info=True)
+            elif kind == "flush":
+                reply(message[1], channel.force_flush(int(message[2] * 1000)))
+            elif kind == "status":
+                reply(message[1])
+            elif kind == "close":
+                channel.begin_shutdown()
+                channel.finish_shutdown(time.monotonic() + message[2])
+                reply(message[1])
+                return 0
+
+    finally:  # no line comes after the parent has gone or said close
+        if mirror is not None:
+            mirror.close()
 
 
 def main() -> int:
