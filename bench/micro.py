@@ -15,6 +15,13 @@ total CPU  the same run: CPU time of the whole process (all threads) from before
 disabled   configure(mode="off"): the same replay.
 naive SDK  a TracerProvider + BatchSpanProcessor(OTLP gRPC) with in-line start_span/end per stage
            and sub-stage and add_event for point events, as a direct instrumentation would do it.
+as serving the pipeline of `hot path`, each request as serving makes it (an HTTP SERVER span, both
+           carrier hand-overs), back to back: warm caches, big batches for the worker.
+paced      the same requests at serving's pace (one every `pace_ms`, the thread asleep in between, the
+           worker's flush interval serving's), all minus off at the same pace: what tracing adds to a
+           process that serves.  Tracing's code and data are cold by each request's calls (the
+           serving figure pays about twice the warm loop's CPU for the same instructions), and this
+           is the variant that predicts serving (``micro_predicts_serving_ratio``).
 
 At 1 and at 8 emitting threads (each thread replays its share concurrently; per-request figures
 are the calling-thread time summed over threads / requests).  Plus the resident memory of 10,000
@@ -71,6 +78,7 @@ MICRO_KEYS = (
     "spans_per_request",
     "dropin_overhead_ratio",
     "serving_shaped_cpu_us",
+    "serving_paced_cpu_us",
 )
 
 # Per thread count: (key, variant, field)
@@ -144,6 +152,21 @@ def replay_serving_shaped(rids: Sequence[str]) -> None:
         span.set_attributes({"http.route": "/v1/completions", "http.response.status_code": 200})
         span.end()
         otel_context.detach(token)
+
+
+def paced(replay: Callable[[Sequence[str]], None], pace_s: float) -> Callable[[Sequence[str]], None]:
+    """`replay`, one request every `pace_s` (on a schedule, so the work does not stretch the pace)."""
+
+    def run(rids: Sequence[str]) -> None:
+        due = time.monotonic()
+        for i in range(len(rids)):
+            replay(rids[i : i + 1])
+            due += pace_s
+            delay = due - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+
+    return run
 
 
 class NaiveInstrumentation:
@@ -274,11 +297,14 @@ class _Bench:
             legacy.teardown()
         return self._sample(n, thread_ns, wall_ns, p1 - p0)
 
-    def otel(self, n: int, threads: int, replay: Callable[[Sequence[str]], None] = replay_fdt) -> dict[str, Any]:
+    def otel(
+        self, n: int, threads: int, replay: Callable[[Sequence[str]], None] = replay_fdt,
+        flush_interval_s: float | None = None,
+    ) -> dict[str, Any]:
         log_dir = self._dir("otel")
         fdt.configure(
             mode="all", endpoint=self.rx.grpc_endpoint, log_dir=log_dir, env={},
-            flush_interval_s=self.flush_interval_s, bsp=dict(self.bsp) or None,
+            flush_interval_s=flush_interval_s or self.flush_interval_s, bsp=dict(self.bsp) or None,
         )
         try:
             replay(request_ids(self.warmup))  # warm-up: opens the gRPC channel, fills caches
@@ -313,13 +339,13 @@ class _Bench:
             dropped_queue_full=d.get("dropped_queue_full", 0),
         )
 
-    def off(self, n: int, threads: int) -> dict[str, Any]:
+    def off(self, n: int, threads: int, replay: Callable[[Sequence[str]], None] = replay_fdt) -> dict[str, Any]:
         fdt.configure(mode="off", env={})
-        replay_fdt(request_ids(self.warmup))
+        replay(request_ids(self.warmup))
         chunks = split(request_ids(n), threads)
         gc.collect()
         p0 = _process_ns()
-        thread_ns, wall_ns = run_threads(replay_fdt, chunks)
+        thread_ns, wall_ns = run_threads(replay, chunks)
         p1 = _process_ns()
         return self._sample(n, thread_ns, wall_ns, p1 - p0)
 
@@ -465,11 +491,13 @@ def run_micro(
     off_factor: int = 10,
     flush_interval_s: float = 0.2,
     bsp: dict[str, int] | None = None,
+    pace_ms: float = 12.0,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
 ) -> dict[str, Any]:
     """Run every variant at every thread count; returns headline figures (1 thread) + details."""
     requests = requests or (400 if quick else 2000)
     rounds = rounds or (5 if quick else 9)
+    paced_requests = 60 if quick else 150
     bsp = dict(bsp or {})
     result: dict[str, Any] = {
         "events_per_request": len(MIXED),
@@ -509,6 +537,7 @@ def run_micro(
                         + f"  otel_total={samples['otel'][-1]['process_us']:.1f}us legacy_total={samples['legacy'][-1]['process_us']:.1f}us"
                     )
                 by_threads[str(t)] = _summarise(samples, t, requests)
+            result.update(_run_paced(bench, paced_requests, rounds, pace_ms / 1e3, log))
             log(f"  memory: {rss_requests} requests in flight (child process)")
             result.update(measure_rss(rx.grpc_endpoint, rss_requests, flush_interval_s, bsp))
     finally:
@@ -527,6 +556,32 @@ def run_micro(
         for key in [k for k, *_ in _FIGURES] + [k for k, *_ in _RATIOS]:
             result[f"{key}_{t}t"] = by_threads[str(t)][key]
     return result
+
+
+def _run_paced(bench: _Bench, n: int, rounds: int, pace_s: float, log: Callable[[str], None]) -> dict[str, Any]:
+    """The serving-shaped requests at serving's pace, all and off alternating; all minus off per round."""
+    from fastdeploy_otel.config import Settings
+
+    replay = paced(replay_serving_shaped, pace_s)
+    run = {
+        "all": lambda: bench.otel(n, 1, replay, flush_interval_s=Settings().flush_interval_s)["in_process_us"],
+        "off": lambda: bench.off(n, 1, replay)["process_us"],
+    }
+    run["all"](), run["off"]()  # discarded: as the other variants' first pass
+    added, off = [], []
+    for r in range(rounds):
+        got = {mode: run[mode]() for mode in (("all", "off") if r % 2 == 0 else ("off", "all"))}
+        added.append(got["all"] - got["off"])
+        off.append(got["off"])
+        log(f"  micro paced (a request every {pace_s * 1e3:g} ms) round {r + 1}/{rounds}: "
+            f"all {got['all']:.1f}us off {got['off']:.1f}us in the process")
+    return {
+        "serving_paced_cpu_us": _median(added),
+        "serving_paced_cpu_us_rounds": [round(x, 1) for x in added],
+        "paced_off_cpu_us": _median(off),
+        "paced_requests": n,
+        "pace_ms": pace_s * 1e3,
+    }
 
 
 def _summarise(samples: dict[str, list[dict[str, Any]]], threads: int, requests: int) -> dict[str, Any]:
