@@ -92,16 +92,17 @@ class ReplayIds:
             return request_span_id(trace_id, line.request_id if line is not None else request_id, ts_ns)
         if line is not None and line.span_id and name == self.preset:
             return line.span_id
-        # The n-th span opened in the trace: splitmix64's finaliser of (folded trace id + n * golden
-        # ratio), which gives distinct inputs distinct, well spread 64-bit ids (cheaper than a hash).
+        # The n-th span opened in the trace: (a well spread 64-bit start + n * golden ratio).  The start is
+        # splitmix64's finaliser of the folded trace id; an odd step keeps the trace's ids distinct.
         x = self._opened.get(trace_id)
         if x is None:
             x = (trace_id ^ (trace_id >> 64)) & _M64
+            x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+            x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+            x ^= x >> 31
         x = (x + _GOLDEN) & _M64
         self._opened[trace_id] = x
-        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
-        return (x ^ (x >> 31)) or 1
+        return x or 1
 
     def forget(self, trace_id: int) -> None:
         self._opened.pop(trace_id, None)
