@@ -6,6 +6,7 @@ Prints a table with PASS/MISS against the targets and, with ``--json``, writes e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -14,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from .micro import run_micro
+from .micro import paced_pairs, run_micro
 from .replay import REPLAY_KEYS, run_replay
 from .instructions import INSTRUCTION_KEYS, run_instructions
 from .serving import SERVING_KEYS, run_serving
@@ -100,6 +101,7 @@ def table(res: dict[str, Any]) -> str:
         ("naive_sdk_total_cpu_us", "naive SDK, process CPU"),
         ("serving_shaped_cpu_us", "as serving (HTTP span, carriers)"),
         ("serving_paced_cpu_us", "  at serving's pace, added"),
+        ("serving_paced_cpu_us_in_serving", "  the same, between serving's rounds"),
     ):
         lines.append(f"{label:<36}{_fmt(res.get(key), 1):>12}" + "".join(f"{_fmt(res.get(f'{key}_{t}t'), 1):>12}" for t in extra))
     if "rss_in_flight_mb" in res:
@@ -202,12 +204,23 @@ def main(argv: list[str] | None = None) -> int:
         res.update(run_replay(args.replay_lines, log=log))
     if not args.no_serving:
         log("serving benchmark ...")
-        res.update(run_serving(
-            args.quick, clients=args.serving_clients, requests=args.serving_requests,
-            max_tokens=args.max_tokens, modes=args.serving_modes, log=log,
-        ))
+        with contextlib.ExitStack() as stack:
+            pairs = None
+            if not args.no_micro:  # the micro's prediction again, a pair after each serving round
+                pairs = stack.enter_context(paced_pairs(res["paced_requests"], args.pace_ms, log))
+            res.update(run_serving(
+                args.quick, clients=args.serving_clients, requests=args.serving_requests,
+                max_tokens=args.max_tokens, modes=args.serving_modes, log=log,
+                between_rounds=(lambda k: pairs.pair(f" after serving round {k + 1}")) if pairs else None,
+            ))
+            if pairs is not None and pairs.added:
+                res.update(pairs.figures("_in_serving"))
+    # The prediction: the paced pairs taken between serving's rounds when there are some (the machine
+    # as serving found it), else the micro's own.
+    paced_key = "serving_paced_cpu_us_in_serving" if "serving_paced_cpu_us_in_serving" in res else "serving_paced_cpu_us"
+    res["micro_predicts_serving_from"] = paced_key
     predicted, warm, api, engine, threads = (res.get(k) for k in (
-        "serving_paced_cpu_us", "serving_shaped_cpu_us", "serving_api_cpu_ms_added", "serving_engine_cpu_ms_added",
+        paced_key, "serving_shaped_cpu_us", "serving_api_cpu_ms_added", "serving_engine_cpu_ms_added",
         "serving_engine_tracing_threads_cpu_ms_added"))
     def number(v: Any) -> bool:
         return isinstance(v, (int, float)) and math.isfinite(v)
@@ -216,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, parts in (("", (api, threads)), ("_whole_engine", (api, engine))):
         if all(map(number, parts)):
             for suffix, micro in (("", predicted), ("_warm", warm)):
-                if number(micro) and micro:
+                if number(micro) and micro > 0:
                     res[f"micro_predicts_serving_ratio{name}{suffix}"] = sum(parts) * 1000 / micro
     res["seconds"] = time.monotonic() - t0
     res["results"] = {k: verdict(k, res.get(k)) for k in TARGETS}

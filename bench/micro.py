@@ -30,6 +30,7 @@ requests in flight (first half of MIXED, no finish), measured in an isolated chi
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import multiprocessing as mp
@@ -41,7 +42,7 @@ import tempfile
 import threading
 import time
 import uuid
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import fastdeploy_otel as fdt
 from tests.support.lifecycles import MIXED
@@ -497,7 +498,7 @@ def run_micro(
     """Run every variant at every thread count; returns headline figures (1 thread) + details."""
     requests = requests or (400 if quick else 2000)
     rounds = rounds or (5 if quick else 9)
-    paced_requests = 60 if quick else 150
+    paced_requests = min(requests, 60 if quick else 150)  # at 12 ms each: 2 s a run
     bsp = dict(bsp or {})
     result: dict[str, Any] = {
         "events_per_request": len(MIXED),
@@ -537,7 +538,10 @@ def run_micro(
                         + f"  otel_total={samples['otel'][-1]['process_us']:.1f}us legacy_total={samples['legacy'][-1]['process_us']:.1f}us"
                     )
                 by_threads[str(t)] = _summarise(samples, t, requests)
-            result.update(_run_paced(bench, paced_requests, rounds, pace_ms / 1e3, log))
+            pairs = PacedPairs(bench, paced_requests, pace_ms / 1e3, log)
+            for r in range(rounds):
+                pairs.pair(f" round {r + 1}/{rounds}")
+            result.update(pairs.figures())
             log(f"  memory: {rss_requests} requests in flight (child process)")
             result.update(measure_rss(rx.grpc_endpoint, rss_requests, flush_interval_s, bsp))
     finally:
@@ -558,30 +562,59 @@ def run_micro(
     return result
 
 
-def _run_paced(bench: _Bench, n: int, rounds: int, pace_s: float, log: Callable[[str], None]) -> dict[str, Any]:
-    """The serving-shaped requests at serving's pace, all and off alternating; all minus off per round."""
-    from fastdeploy_otel.config import Settings
+class PacedPairs:
+    """The serving-shaped requests at serving's pace, a pair at a time: all, then off (or the other
+    way round); the figure is all minus off, per pair.  `bench/__main__` also takes a pair between
+    the serving bench's rounds, so that prediction and serving share the machine's state of the moment
+    (its speed here drifts by tens of percent in minutes)."""
 
-    replay = paced(replay_serving_shaped, pace_s)
-    run = {
-        "all": lambda: bench.otel(n, 1, replay, flush_interval_s=Settings().flush_interval_s)["in_process_us"],
-        "off": lambda: bench.off(n, 1, replay)["process_us"],
-    }
-    run["all"](), run["off"]()  # discarded: as the other variants' first pass
-    added, off = [], []
-    for r in range(rounds):
-        got = {mode: run[mode]() for mode in (("all", "off") if r % 2 == 0 else ("off", "all"))}
-        added.append(got["all"] - got["off"])
-        off.append(got["off"])
-        log(f"  micro paced (a request every {pace_s * 1e3:g} ms) round {r + 1}/{rounds}: "
-            f"all {got['all']:.1f}us off {got['off']:.1f}us in the process")
-    return {
-        "serving_paced_cpu_us": _median(added),
-        "serving_paced_cpu_us_rounds": [round(x, 1) for x in added],
-        "paced_off_cpu_us": _median(off),
-        "paced_requests": n,
-        "pace_ms": pace_s * 1e3,
-    }
+    def __init__(self, bench: _Bench, n: int, pace_s: float, log: Callable[[str], None]) -> None:
+        from fastdeploy_otel.config import Settings
+
+        self.n, self.pace_s, self.log = n, pace_s, log
+        replay = paced(replay_serving_shaped, pace_s)
+        self._run = {
+            "all": lambda: bench.otel(n, 1, replay, flush_interval_s=Settings().flush_interval_s),
+            "off": lambda: bench.off(n, 1, replay),
+        }
+        self.added: list[float] = []
+        self.off: list[float] = []
+        self.built = self.received = 0
+        self._run["all"](), self._run["off"]()  # discarded: as the other variants' first pass
+
+    def pair(self, label: str = "") -> None:
+        order = ("all", "off") if len(self.added) % 2 == 0 else ("off", "all")
+        got = {mode: self._run[mode]() for mode in order}
+        self.added.append(got["all"]["in_process_us"] - got["off"]["process_us"])
+        self.off.append(got["off"]["process_us"])
+        self.built += got["all"]["spans_built"]
+        self.received += got["all"]["spans_received"]
+        self.log(f"  micro paced (a request every {self.pace_s * 1e3:g} ms){label}: all "
+                 f"{got['all']['in_process_us']:.1f}us off {got['off']['process_us']:.1f}us in the process")
+
+    def figures(self, suffix: str = "") -> dict[str, Any]:
+        return {
+            f"serving_paced_cpu_us{suffix}": _median(self.added),
+            f"serving_paced_cpu_us{suffix}_rounds": [round(x, 1) for x in self.added],
+            f"paced_off_cpu_us{suffix}": _median(self.off),
+            # received = built + one HTTP SERVER span a request, when nothing was dropped on the way
+            f"paced_spans_built{suffix}": self.built,
+            f"paced_spans_received{suffix}": self.received,
+            "paced_requests": self.n,
+            "pace_ms": self.pace_s * 1e3,
+        }
+
+
+@contextlib.contextmanager
+def paced_pairs(n: int, pace_ms: float, log: Callable[[str], None]) -> Iterator[PacedPairs]:
+    """PacedPairs with a receiver of their own, for pairs taken outside run_micro."""
+    workdir = tempfile.mkdtemp(prefix="bench-paced-")
+    try:
+        with ReceiverProcess() as rx:
+            yield PacedPairs(_Bench(rx, workdir, 0.2, {}), n, pace_ms / 1e3, log)
+    finally:
+        fdt.shutdown()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _summarise(samples: dict[str, list[dict[str, Any]]], threads: int, requests: int) -> dict[str, Any]:

@@ -279,9 +279,11 @@ def run_serving(
     max_tokens: int | None = None,
     pairs: int | None = None,
     modes: Sequence[str] | None = None,
+    between_rounds: Callable[[int], None] | None = None,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
 ) -> dict[str, Any]:
-    """Throughput and latency with tracing all vs off; the ratios are all/off."""
+    """Throughput and latency with tracing all vs off; the ratios are all/off.  `between_rounds(k)`
+    runs after round k's bursts, the stacks idle (the micro's paced pairs, at the same moment)."""
     try:
         from minifd.stack import Stack
     except ImportError as exc:
@@ -348,6 +350,8 @@ def run_serving(
                         f"{m} api {statistics.median(b['api_cpu_ms_per_request'] for b in last if b['mode'] == m):.2f} "
                         f"engine {statistics.median(b['engine_cpu_ms_per_request'] for b in last if b['mode'] == m):.2f}"
                         for m in modes))
+                    if between_rounds is not None:
+                        between_rounds(k)
             finally:
                 for mode, live in stacks.items():  # every one, whatever the others do
                     try:

@@ -52,6 +52,8 @@ def test_micro_bench_smoke(tmp_path):
         assert row["otel_spans_built"] == row["otel_spans_received"] == 10 * 12
         assert row["otel_dropped_queue_full"] == 0
         assert row["otel_mirror_lines"] == 21 * 12
+    # the paced round: every request's 10 spans and its HTTP SERVER span reached the receiver
+    assert res["paced_requests"] == 12 and res["paced_spans_built"] == 10 * 12 and res["paced_spans_received"] == 11 * 12
     for key in (*SERVING_KEYS, *INSTRUCTION_KEYS):  # --no-serving, --no-instructions: present, null
         assert key in res and res[key] is None
     assert res["python"] == ".".join(map(str, sys.version_info[:3]))

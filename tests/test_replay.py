@@ -338,6 +338,51 @@ def test_blocks_of_a_file_parse_as_its_lines_do(tmp_path):
         assert [line for b in blocks for line in parse_many(b)] == [parse(t) for t in lines]
 
 
+def test_requests_that_share_a_trace_id_get_distinct_span_ids(tmp_path, capsys):
+    """One traceparent for many calls (an agent's session): FastDeploy writes the same trace_id on the
+    lines of several requests and no span_id, so their spans' ids are derived, each request's its own."""
+    log = FdLog(str(tmp_path / "log"))
+    for k in range(3):  # one after another: each request's counter would start again at the same point
+        a, e = fd_events(f"chatcmpl-{k}", T0 + k * 100)
+        log.write(sorted(a + e, key=lambda x: x[0]), trace_ids={f"chatcmpl-{k}_0": 0xB3A91F27C4D05E6A})
+    rc, _, err = replay(capsys, str(tmp_path / "log"), "--jsonl", str(tmp_path / "s.jsonl"))
+    assert rc == 0, err
+    spans = read_spans(tmp_path / "s.jsonl")
+    assert {s.trace_id for s in spans} == {"0000000000000000b3a91f27c4d05e6a"}
+    assert len([s for s in spans if s.name == REQUEST_SPAN_NAME]) == 3
+    assert len({s.span_id for s in spans}) == len(spans) == 3 * len(MIXED_TREE)
+
+
+def test_json_lines_writer_batches_the_text_encode_request_makes(tmp_path):
+    """Spans are encoded as they are written and joined into lines of `batch` spans: each line is
+    exactly encode_request of its spans, whatever the writes that brought them."""
+    from fastdeploy_otel._records import SpanState
+    from fastdeploy_otel.tools.spanstates import encode_request
+
+    spans = [SpanState(f"S{i}", 2**100 + i // 3, 1000 + i, 7, False, True, 10 * i, "DECODE",
+                       attributes={"fastdeploy.request_id": f"r{i // 3}"}, end_ns=10 * i + 5) for i in range(8)]
+    resource, scope = {"service.name": "fastdeploy"}, ("fastdeploy_otel", "1")
+    for batch, writes in ((3, [spans[:2], spans[2:3], spans[3:7], spans[7:]]), (1, [spans[:1]]), (100, [[]])):
+        path = tmp_path / f"b{batch}.jsonl"
+        with open(path, "w") as f:
+            w = JsonLinesWriter(f, resource, scope, batch=batch)
+            for chunk in writes:
+                w.write(chunk)
+            w.flush()
+        got = path.read_text().splitlines()
+        written = [s for chunk in writes for s in chunk]
+        expected, line = [], []
+        for chunk in writes:  # a line is cut once a write brings it to `batch` spans or more
+            line += chunk
+            if len(line) >= batch:
+                expected.append(encode_request(line, resource, scope))
+                line = []
+        if line:
+            expected.append(encode_request(line, resource, scope))
+        assert got == expected and w.written == len(written)
+        assert sum(len(json.loads(x)["resourceSpans"][0]["scopeSpans"][0]["spans"]) for x in got) == len(written)
+
+
 def test_json_lines_read_back_as_the_spans_made_directly(tmp_path):
     from fastdeploy_otel._records import SpanState
 

@@ -77,7 +77,7 @@ class ReplayIds:
     def __init__(self) -> None:
         self.line: TraceLine | None = None
         self.preset: str = ""  # the span name the line's span_id is for
-        self._opened: dict[int, int] = {}  # per trace, the last span id's input: tells apart spans of one ms
+        self._opened: dict[str, int] = {}  # per request in flight, the last span id derived (or its request span's)
 
     def trace_id(self, request_id: str, ts_ns: int) -> int:
         line = self.line
@@ -89,23 +89,22 @@ class ReplayIds:
     def span_id(self, trace_id: int, request_id: str, name: str, ts_ns: int) -> int:
         line = self.line
         if name == REQUEST_SPAN_NAME:
-            return request_span_id(trace_id, line.request_id if line is not None else request_id, ts_ns)
+            span_id = request_span_id(trace_id, line.request_id if line is not None else request_id, ts_ns)
+            self._opened[request_id] = span_id  # the request's other spans count on from its own id
+            return span_id
         if line is not None and line.span_id and name == self.preset:
             return line.span_id
-        # The n-th span opened in the trace: (a well spread 64-bit start + n * golden ratio).  The start is
-        # splitmix64's finaliser of the folded trace id; an odd step keeps the trace's ids distinct.
-        x = self._opened.get(trace_id)
-        if x is None:
-            x = (trace_id ^ (trace_id >> 64)) & _M64
-            x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-            x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
-            x ^= x >> 31
+        # The n-th span opened in the request: its request span's id (a hash: well spread, and another
+        # for each request, even of one trace) + n * golden ratio; the odd step keeps them distinct.
+        x = self._opened.get(request_id)
+        if x is None:  # a late line's request, whose request span this replay did not open
+            x = request_span_id(trace_id, request_id, ts_ns)
         x = (x + _GOLDEN) & _M64
-        self._opened[trace_id] = x
+        self._opened[request_id] = x
         return x or 1
 
-    def forget(self, trace_id: int) -> None:
-        self._opened.pop(trace_id, None)
+    def forget(self, request_id: str) -> None:
+        self._opened.pop(request_id, None)
 
 
 # Mirror lines remembered for spotting a batch written twice, which comes within about 1 s (its export
@@ -259,7 +258,6 @@ class Replayer:
             span.trace_id = trace_id
         if held:
             self._held.setdefault(trace_id, []).extend(held)
-        self.ids.forget(old)
 
     # ---- ends -----------------------------------------------------------------------------------
     def _hold(self, spans: list[SpanState]) -> None:
@@ -284,7 +282,7 @@ class Replayer:
                 if base is not None and s.name == REQUEST_SPAN_NAME:
                     s.attributes[A.REQUEST_ID] = A.capped(base)  # the request as its client knows it
             self._emit(out)
-        self.ids.forget(trace_id)
+        self.ids.forget(key)
         self.requests += 1
         self._pinned.discard(key)
         base = base_request_id(key)

@@ -153,8 +153,8 @@ def _join(head: str, spans: list[str], tail: str) -> str:
 
 class JsonLinesWriter:
     """Appends spans to a text stream as OTLP/JSON lines, `batch` spans to a line.  Each span is
-    encoded when it is written, while its objects are still in the CPU's caches: encoded 512 at a
-    time, later, the same text cost a replay a fifth more."""
+    encoded when it is written, while its objects are fresh in the CPU's caches, and only its text
+    waits for the line (the same text as encoding 512 spans at once: a few percent less CPU)."""
 
     def __init__(self, out: TextIO, resource: Mapping[str, Any], scope: tuple[str, str], batch: int = 512) -> None:
         self._out = out
@@ -171,9 +171,9 @@ class JsonLinesWriter:
     def flush(self, sync: bool = True) -> None:
         """Write what is pending as one line; `sync`: and push it to the file (follow mode)."""
         if self._pending:
-            self._out.write(_join(self._head, self._pending, _TAIL + "\n"))
-            self.written += len(self._pending)
-            self._pending = []
+            pending, self._pending = self._pending, []  # _join changes the list; a failed write loses it whole
+            self._out.write(_join(self._head, pending, _TAIL + "\n"))
+            self.written += len(pending)
         if sync:
             self._out.flush()
 
