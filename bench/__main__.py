@@ -188,13 +188,14 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "targets": {k: (None if v is None else {"op": v[0], "value": v[1]}) for k, v in TARGETS.items()},
     })
+    bsp = {"max_queue_size": args.bsp_queue} if args.bsp_queue else {}
     if not args.no_micro:
         threads = tuple(int(x) for x in args.threads.split(",") if x.strip())
         log(f"micro benchmark (threads {threads}) ...")
         res.update(run_micro(
             args.quick, requests=args.requests, rounds=args.rounds, threads=threads,
             rss_requests=args.rss_requests, flush_interval_s=args.flush_interval, pace_ms=args.pace_ms,
-            bsp={"max_queue_size": args.bsp_queue} if args.bsp_queue else {}, log=log,
+            bsp=bsp, log=log,
         ))
     if not args.no_instructions:
         log("instructions per request (callgrind) ...")
@@ -207,7 +208,10 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.ExitStack() as stack:
             pairs = None
             if not args.no_micro:  # the micro's prediction again, a pair after each serving round
-                pairs = stack.enter_context(paced_pairs(res["paced_requests"], args.pace_ms, log))
+                try:
+                    pairs = stack.enter_context(paced_pairs(res["paced_requests"], args.pace_ms, log, bsp))
+                except Exception as exc:  # serving goes on; the prediction is the micro's own
+                    log(f"  paced pairs during serving unavailable: {type(exc).__name__}: {exc}")
             res.update(run_serving(
                 args.quick, clients=args.serving_clients, requests=args.serving_requests,
                 max_tokens=args.max_tokens, modes=args.serving_modes, log=log,
@@ -218,7 +222,6 @@ def main(argv: list[str] | None = None) -> int:
     # The prediction: the paced pairs taken between serving's rounds when there are some (the machine
     # as serving found it), else the micro's own.
     paced_key = "serving_paced_cpu_us_in_serving" if "serving_paced_cpu_us_in_serving" in res else "serving_paced_cpu_us"
-    res["micro_predicts_serving_from"] = paced_key
     predicted, warm, api, engine, threads = (res.get(k) for k in (
         paced_key, "serving_shaped_cpu_us", "serving_api_cpu_ms_added", "serving_engine_cpu_ms_added",
         "serving_engine_tracing_threads_cpu_ms_added"))
@@ -231,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             for suffix, micro in (("", predicted), ("_warm", warm)):
                 if number(micro) and micro > 0:
                     res[f"micro_predicts_serving_ratio{name}{suffix}"] = sum(parts) * 1000 / micro
+                    res["micro_predicts_serving_from"] = paced_key
     res["seconds"] = time.monotonic() - t0
     res["results"] = {k: verdict(k, res.get(k)) for k in TARGETS}
     print(table(res))

@@ -606,12 +606,14 @@ class PacedPairs:
 
 
 @contextlib.contextmanager
-def paced_pairs(n: int, pace_ms: float, log: Callable[[str], None]) -> Iterator[PacedPairs]:
+def paced_pairs(
+    n: int, pace_ms: float, log: Callable[[str], None], bsp: dict[str, int] | None = None
+) -> Iterator[PacedPairs]:
     """PacedPairs with a receiver of their own, for pairs taken outside run_micro."""
     workdir = tempfile.mkdtemp(prefix="bench-paced-")
     try:
         with ReceiverProcess() as rx:
-            yield PacedPairs(_Bench(rx, workdir, 0.2, {}), n, pace_ms / 1e3, log)
+            yield PacedPairs(_Bench(rx, workdir, 0.2, dict(bsp or {})), n, pace_ms / 1e3, log)
     finally:
         fdt.shutdown()
         shutil.rmtree(workdir, ignore_errors=True)

@@ -351,7 +351,10 @@ def run_serving(
                         f"engine {statistics.median(b['engine_cpu_ms_per_request'] for b in last if b['mode'] == m):.2f}"
                         for m in modes))
                     if between_rounds is not None:
-                        between_rounds(k)
+                        try:
+                            between_rounds(k)
+                        except Exception as exc:  # the serving figures stand without it
+                            log(f"  after round {k + 1}: {type(exc).__name__}: {exc}")
             finally:
                 for mode, live in stacks.items():  # every one, whatever the others do
                     try:

@@ -338,19 +338,30 @@ def test_blocks_of_a_file_parse_as_its_lines_do(tmp_path):
         assert [line for b in blocks for line in parse_many(b)] == [parse(t) for t in lines]
 
 
-def test_requests_that_share_a_trace_id_get_distinct_span_ids(tmp_path, capsys):
+@pytest.mark.parametrize("gap_ms", [100, 7], ids=["one-after-another", "in-flight-together"])
+def test_requests_that_share_a_trace_id_get_distinct_span_ids(tmp_path, capsys, gap_ms):
     """One traceparent for many calls (an agent's session): FastDeploy writes the same trace_id on the
-    lines of several requests and no span_id, so their spans' ids are derived, each request's its own."""
+    lines of several requests and no span_id, so their spans' ids are derived, each request's its own
+    (a counter per trace started again with each request), and each request's spans are its own."""
     log = FdLog(str(tmp_path / "log"))
-    for k in range(3):  # one after another: each request's counter would start again at the same point
-        a, e = fd_events(f"chatcmpl-{k}", T0 + k * 100)
-        log.write(sorted(a + e, key=lambda x: x[0]), trace_ids={f"chatcmpl-{k}_0": 0xB3A91F27C4D05E6A})
+    events = []
+    for k in range(3):
+        a, e = fd_events(f"chatcmpl-{k}", T0 + k * gap_ms)
+        events += a + e
+    log.write(sorted(events, key=lambda x: x[0]), trace_ids={f"chatcmpl-{k}_0": 0xB3A91F27C4D05E6A for k in range(3)})
     rc, _, err = replay(capsys, str(tmp_path / "log"), "--jsonl", str(tmp_path / "s.jsonl"))
     assert rc == 0, err
     spans = read_spans(tmp_path / "s.jsonl")
     assert {s.trace_id for s in spans} == {"0000000000000000b3a91f27c4d05e6a"}
     assert len([s for s in spans if s.name == REQUEST_SPAN_NAME]) == 3
     assert len({s.span_id for s in spans}) == len(spans) == 3 * len(MIXED_TREE)
+    by_request: dict[str, list[Span]] = {}
+    for s in spans:
+        by_request.setdefault(base_request_id(s.attributes["fastdeploy.request_id"]), []).append(s)
+    for rid, mine in by_request.items():  # each request: the whole lifecycle, nested under its own span
+        ids = {s.span_id for s in mine}
+        assert tree(mine) == MIXED_TREE, rid
+        assert all(s.parent_span_id in ids for s in mine if s.name != REQUEST_SPAN_NAME), rid
 
 
 def test_json_lines_writer_batches_the_text_encode_request_makes(tmp_path):

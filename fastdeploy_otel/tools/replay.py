@@ -9,9 +9,10 @@ not say is decided here:
 * **Ids.**  A line's trace_id is the request's trace id, and a mirror line's span_id is the id of the
   span its event belongs to, so a replayed mirror reproduces the live ids.  The request span's id is
   derived from the request's first line (``_assembler.request_span_id``), as live.  Anything else is
-  derived from the request id and its first timestamp: replaying the same files gives the same ids.
+  derived: a trace id from the request id and its first timestamp, the other span ids from the
+  request span's (each request its own, even in a shared trace): the same files give the same ids.
   A trace id first seen on a later line (FastDeploy writes ``unknown`` until its context exists) is
-  adopted by the whole request, since its spans are held until the request ends.
+  adopted by the whole request, since its spans are held, by request, until the request ends.
 * **Times.**  A line says its millisecond; the event is put in the middle of it (within 0.5 ms).
 * **When a request ends.**  At POSTPROCESSING_END, the last event of every lifecycle that answers a
   client.  A lifecycle that stops short (end of input, idle past the TTL, or pushed out by the
@@ -97,8 +98,9 @@ class ReplayIds:
         # The n-th span opened in the request: its request span's id (a hash: well spread, and another
         # for each request, even of one trace) + n * golden ratio; the odd step keeps them distinct.
         x = self._opened.get(request_id)
-        if x is None:  # a late line's request, whose request span this replay did not open
-            x = request_span_id(trace_id, request_id, ts_ns)
+        if x is None:  # a late line's request, whose request span this replay did not open: its own start
+            key = f"late/{trace_id:032x}/{request_id}/{ts_ns // 1_000_000}".encode("utf-8", "surrogatepass")
+            x = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big")
         x = (x + _GOLDEN) & _M64
         self._opened[request_id] = x
         return x or 1
@@ -134,7 +136,7 @@ class Replayer:
         # ids of recently ended requests -> their key (ordered: the oldest is dropped, see Assembler._finished)
         self._recent: OrderedDict[str, str] = OrderedDict()
         self._pinned: set[str] = set()  # requests whose trace id came from a line
-        self._held: dict[int, list[SpanState]] = {}  # finished spans by trace id, until their request ends
+        self._held: dict[str, list[SpanState]] = {}  # a request's finished spans, by its key, until it ends
         self._fed = 0
         self._next_sweep = 4096
         self.requests = 0  # requests ended (spans emitted)
@@ -215,11 +217,10 @@ class Replayer:
             if ts > last_ns:
                 last_ns = ts
             if event is _END:
-                trace_id = requests[key].trace_id
                 asm.handle((FINISH, ts, None, key, None, None, _NO_THREAD, None, "", 0))  # type: ignore[arg-type]
-                self._ended(key, trace_id)
+                self._ended(key)
             elif spans:  # a span closed: held until its request ends
-                self._hold(spans)
+                self._hold(key, spans)
                 spans.clear()
             fed += 1
             if fed >= next_sweep:
@@ -240,41 +241,37 @@ class Replayer:
         for child in req.open.values():
             if child.parent_id == old:
                 child.parent_id = span_id
-        for held in self._held.get(req.trace_id, ()):
+        for held in self._held.get(key, ()):
             if held.parent_id == old:
                 held.parent_id = span_id
 
     def _adopt(self, key: str, trace_id: int) -> None:
         """The request's trace id, first seen now: every span of the request takes it."""
         req = self.asm.requests[key]
-        old = req.trace_id
         req.trace_id = trace_id
         if req.span is not None:
             req.span.trace_id = trace_id
         for span in req.open.values():
             span.trace_id = trace_id
-        held = self._held.pop(old, [])
-        for span in held:
+        for span in self._held.get(key, ()):
             span.trace_id = trace_id
-        if held:
-            self._held.setdefault(trace_id, []).extend(held)
 
     # ---- ends -----------------------------------------------------------------------------------
-    def _hold(self, spans: list[SpanState]) -> None:
-        held = self._held
-        for s in spans:
-            got = held.get(s.trace_id)
-            if got is None:
-                held[s.trace_id] = [s]
-            else:
-                got.append(s)
+    def _hold(self, key: str, spans: list[SpanState]) -> None:
+        """Spans the request `key` closed (the assembler's list, in which a line or an end leaves only
+        that request's): held by request, not by trace, since requests may share a trace id."""
+        got = self._held.get(key)
+        if got is None:
+            self._held[key] = spans.copy()
+        else:
+            got += spans
 
-    def _ended(self, key: str, trace_id: int) -> None:
+    def _ended(self, key: str) -> None:
         """The request `key` has left the assembler: hand its spans on."""
         spans = self.asm.spans
-        self._hold(spans)
+        self._hold(key, spans)
         spans.clear()
-        out = self._held.pop(trace_id, None)
+        out = self._held.pop(key, None)
         base = self._base_seen.pop(key, None)
         if out:
             for s in out:
@@ -300,7 +297,7 @@ class Replayer:
         if req is not None:
             self.incomplete += 1
             self.asm.end_incomplete(key)
-            self._ended(key, req.trace_id)
+            self._ended(key)
 
     def sweep(self, now_ns: int) -> None:
         """End the requests with no line for longer than the TTL (log time, or the clock when following)."""
