@@ -728,7 +728,6 @@ def serve(stream: Any, reply_fd: int) -> int:
                 channel.finish_shutdown(time.monotonic() + message[2])
                 reply(message[1])
                 return 0
-
     finally:  # no line comes after the parent has gone or said close
         if mirror is not None:
             mirror.close()
