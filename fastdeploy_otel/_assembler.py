@@ -113,6 +113,12 @@ _LATE_WINDOW_NS = 60 * 1_000_000_000
 # Events that always begin a request, even when its id was used before.
 _OPENING = frozenset({LoggingEventName.PREPROCESSING_START})
 
+
+def _joins(late: _Finished, fresh: bool, ts: int) -> bool:
+    """Whether an event at `ts` that begins no request (`fresh` false) joins the `late` finished one."""
+    return not fresh and ts - late.ts_ns < _LATE_WINDOW_NS
+
+
 # Plain strings for the enum values (an Enum's .value is a descriptor call per use).
 _NAME = {e: e.value for e in LoggingEventName}
 _STAGE = {e: s.value for e, s in EVENT_TO_STAGE_MAP.items()}
@@ -240,8 +246,7 @@ class Assembler:
         late = self._finished.pop(request_id, None)
         if (
             late is not None
-            and not fresh
-            and ts - late.ts_ns < _LATE_WINDOW_NS
+            and _joins(late, fresh, ts)
             and not (parent is not None and parent.is_valid and parent.trace_id != late.trace_id)
         ):
             # An event just after finish_request: same trace, under the finished request span.
@@ -493,9 +498,28 @@ class Assembler:
                 span.attributes[A.USER_ID] = A.capped(A.text(req.user))
             if span.sampled:
                 self.spans.append(span)
-        self._finished[rid] = _Finished(req.trace_id, req.span_id, req.sampled, ts)
+        self.remember_finished(rid, req.trace_id, req.span_id, ts, req.sampled)
+
+    def remember_finished(self, rid: str, trace_id: int, span_id: int, ts: int, sampled: bool = True) -> None:
+        """The request `rid` (request span `span_id`) finished at `ts`: a late event still joins it.
+        Also for a request a replay built without the assembler (``tools.templates``)."""
+        self._finished.pop(rid, None)  # to the end of the order, as a new entry
+        self._finished[rid] = _Finished(trace_id, span_id, sampled, ts)
         if len(self._finished) > 10_000:
             self._finished.popitem(last=False)
+
+    def begins(self, rid: str, event: LoggingEventName, ts: int) -> bool:
+        """Whether `event` at `ts`, the first record of `rid` while no request of that id is in
+        flight, begins a request rather than joining the one of that id just finished (as
+        _request decides when no parent context is given); if it begins one, the finished one is
+        forgotten, as _request forgets it."""
+        late = self._finished.get(rid)
+        if late is None:
+            return True
+        if _joins(late, event in _OPENING, ts):
+            return False
+        del self._finished[rid]
+        return True
 
     def _abort(self, rid: str, ts: int, reason: str) -> None:
         req = self.requests.get(rid)

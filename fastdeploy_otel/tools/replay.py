@@ -31,11 +31,13 @@ from .._assembler import Assembler, request_span_id
 from .._records import FINISH, SpanState
 from ..events import LoggingEventName
 from ..span_plan import PLAN, REQUEST_SPAN_NAME, Action
+from .templates import BuiltRequest, Shape, learn, stand_in_lines
 from .tracelog import TraceLine
 
 __all__ = ["Replayer", "ReplayIds", "base_request_id"]
 
 _END = LoggingEventName.POSTPROCESSING_END
+_MAX_SHAPES = 4096  # templates kept: past it, a request of a new shape is assembled line by line
 _NO_THREAD = threading.main_thread()  # Records name a thread; only mirror lines use it, and a replay makes none
 _HALF_MS = 500_000
 _RECENT = 10_000  # finished request ids remembered, so that a late line joins its request
@@ -108,6 +110,15 @@ class ReplayIds:
     def forget(self, request_id: str) -> None:
         self._opened.pop(request_id, None)
 
+    @staticmethod
+    def series(first: int, count: int) -> list[int]:
+        """The request span's id `first` and the next `count - 1` ids span_id derives from it."""
+        out, x = [first], first
+        for _ in range(count - 1):
+            x = (x + _GOLDEN) & _M64
+            out.append(x or 1)
+        return out
+
 
 # Mirror lines remembered for spotting a batch written twice, which comes within about 1 s (its export
 # process died) to 3 s and more (it stalled) of the first copy: a generation covers 10 s of log time,
@@ -117,13 +128,18 @@ _SEEN_MAX = 500_000
 
 
 class Replayer:
-    """Feeds lines to an Assembler and hands each ended request's spans to `emit`, marked replayed."""
+    """Feeds lines to an Assembler and hands each ended request's spans to `emit`, marked replayed.
+
+    `templates`: a request's lines wait for its END, and a request of a shape seen before is built
+    from that shape's template (``templates``) instead of line by line; off, every line goes to the
+    Assembler as it comes (the same spans; the tests compare the two)."""
 
     def __init__(
         self,
         emit: Callable[[Sequence[SpanState]], None],
         ttl_s: float = 600.0,
         max_in_flight: int = 100_000,
+        templates: bool = True,
     ) -> None:
         self._emit = emit
         self.ids = ReplayIds()
@@ -131,6 +147,11 @@ class Replayer:
         self.max_in_flight = max_in_flight
         # The assembler's own cap would end a request as an ERROR ("evicted"); ours ends it incomplete first.
         self.asm = Assembler(lambda ctx, trace_id: True, False, max_in_flight + 1, self.ttl_ns, self.ids, mirror=False)
+        self._templates = templates
+        # Requests in flight whose lines wait for their END, by key (a request is here or in the assembler).
+        self._waiting: dict[str, list[TraceLine]] = {}
+        # (events, names a user) -> the template, or None: a shape its template cannot serve.
+        self._shapes: dict[tuple[tuple[LoggingEventName, ...], bool], Shape | None] = {}
         self._keys: dict[str, str] = {}  # a base id -> the key of the in-flight request that began under a choice id
         self._base_seen: dict[str, str] = {}  # such a key -> its base id, once a line used it
         # ids of recently ended requests -> their key (ordered: the oldest is dropped, see Assembler._finished)
@@ -152,19 +173,19 @@ class Replayer:
 
     @property
     def in_flight(self) -> int:
-        return len(self.asm.requests)
+        return len(self.asm.requests) + len(self._waiting)
 
     # ---- lines ----------------------------------------------------------------------------------
     def _key(self, rid: str) -> str:
-        requests = self.asm.requests
-        if rid in requests:
+        requests, waiting = self.asm.requests, self._waiting
+        if rid in requests or rid in waiting:
             return rid
         key = self._keys.get(rid)
         if key is not None:
             self._base_seen[key] = rid
             return key
         base = base_request_id(rid)
-        if base != rid and base in requests:
+        if base != rid and (base in requests or base in waiting):
             return base
         return self._recent.get(rid) or self._recent.get(base) or rid
 
@@ -173,62 +194,149 @@ class Replayer:
         time: what every line needs is looked up once per list, not once per line."""
         asm = self.asm
         requests = asm.requests
-        event_record = asm.event
-        spans = asm.spans
-        ids = self.ids
-        pinned = self._pinned
+        waiting = self._waiting
+        templates = self._templates
         last_ns = self.last_ns
         fed, next_sweep = self._fed, self._next_sweep
-        seen, seen_before = self._seen, self._seen_before
         for line in lines:
-            ts_ms, rid, event, user, trace_id, span_id = line
-            if span_id:  # a mirror line
-                mark = hash((span_id, event, ts_ms, rid))
-                if mark in seen or mark in seen_before:
-                    self.duplicates += 1
-                    continue
-                if ts_ms >= self._seen_until or len(seen) >= _SEEN_MAX:
-                    self._seen_before, self._seen = seen_before, seen = seen, set()
-                    self._seen_until = ts_ms + _SEEN_SPAN_MS
-                seen.add(mark)
-            req = requests.get(rid)
-            if req is not None:
-                key = rid
-            else:
-                key = self._key(rid)
-                req = requests.get(key)
+            ts_ms, rid, event, _, _, span_id = line
+            if span_id and self._repeated(line):
+                continue
             ts = ts_ms * 1_000_000 + _HALF_MS  # the middle of its millisecond: within 0.5 ms of the event
-            if req is None:
-                if len(requests) >= self.max_in_flight:
-                    self.end(next(iter(requests)))
-                base = base_request_id(key)
-                if base != key:
-                    self._keys[base] = key
-            elif trace_id and req.trace_id != trace_id and key not in pinned:
-                self._adopt(key, trace_id)
-            ids.line = line
-            if span_id:
-                ids.preset = _target(event, req.open if req is not None else {})
-                if req is not None:
-                    self._pin_span(key, ids.preset, span_id)
-            event_record(ts, event, key, user, None, None, None)
-            if trace_id:
-                pinned.add(key)
             if ts > last_ns:
                 last_ns = ts
-            if event is _END:
-                asm.handle((FINISH, ts, None, key, None, None, _NO_THREAD, None, "", 0))  # type: ignore[arg-type]
-                self._ended(key)
-            elif spans:  # a span closed: held until its request ends
-                self._hold(key, spans)
-                spans.clear()
+            key = rid if rid in waiting or rid in requests else self._key(rid)
+            held = waiting.get(key)
+            if held is not None and not span_id:
+                held.append(line)
+                if event is _END:
+                    self._end_waiting(key)
+            elif held is None and templates and not span_id and key not in requests and asm.begins(key, event, ts):
+                if len(requests) + len(waiting) >= self.max_in_flight:
+                    self._end_oldest()
+                self._map_base(key)
+                waiting[key] = [line]
+            else:
+                if held is not None:  # a mirror line: the request goes to the assembler after all
+                    self._assemble(key)
+                self._line(key, line)
             fed += 1
             if fed >= next_sweep:
-                next_sweep = fed + max(4096, len(requests))
+                next_sweep = fed + max(4096, len(requests) + len(waiting))
                 self.last_ns = last_ns
                 self.sweep(last_ns)
         self.last_ns = last_ns
         self._fed, self._next_sweep = fed, next_sweep
+
+    def _repeated(self, line: TraceLine) -> bool:
+        """Whether the mirror line `line` repeats one already fed (and counts it if so)."""
+        ts_ms, rid, event, _, _, span_id = line
+        mark = hash((span_id, event, ts_ms, rid))
+        if mark in self._seen or mark in self._seen_before:
+            self.duplicates += 1
+            return True
+        if ts_ms >= self._seen_until or len(self._seen) >= _SEEN_MAX:
+            self._seen_before, self._seen = self._seen, set()
+            self._seen_until = ts_ms + _SEEN_SPAN_MS
+        self._seen.add(mark)
+        return False
+
+    def _map_base(self, key: str) -> None:
+        """A request that begins under a choice id: its base id joins it."""
+        base = base_request_id(key)
+        if base != key:
+            self._keys[base] = key
+
+    def _line(self, key: str, line: TraceLine) -> None:
+        """One line of the request `key` through the assembler."""
+        ts_ms, _, event, user, trace_id, span_id = line
+        asm = self.asm
+        req = asm.requests.get(key)
+        ts = ts_ms * 1_000_000 + _HALF_MS
+        if req is None:
+            if self.in_flight >= self.max_in_flight:
+                self._end_oldest()
+            self._map_base(key)
+        elif trace_id and req.trace_id != trace_id and key not in self._pinned:
+            self._adopt(key, trace_id)
+        ids = self.ids
+        ids.line = line
+        if span_id:
+            ids.preset = _target(event, req.open if req is not None else {})
+            if req is not None:
+                self._pin_span(key, ids.preset, span_id)
+        asm.event(ts, event, key, user, None, None, None)
+        if trace_id:
+            self._pinned.add(key)
+        spans = asm.spans
+        if event is _END:
+            asm.handle((FINISH, ts, None, key, None, None, _NO_THREAD, None, "", 0))  # type: ignore[arg-type]
+            self._ended(key)
+        elif spans:  # a span closed: held until its request ends
+            self._hold(key, spans)
+            spans.clear()
+
+    def _assemble(self, key: str) -> None:
+        """The waiting request `key` goes to the assembler, its lines so far with it."""
+        for line in self._waiting.pop(key):
+            self._line(key, line)
+
+    # ---- templates ------------------------------------------------------------------------------
+    def _end_waiting(self, key: str) -> None:
+        """The waiting request `key` has its END: built from its shape's template, else assembled.
+        A template serves lines in time order whose first names the user if any does (the user and
+        trace id a request keeps are then its first line's, its first trace id's)."""
+        lines = self._waiting[key]
+        ms = [line[0] for line in lines]
+        users = [line[3] for line in lines]
+        user = users[0]
+        template = None
+        if ms == sorted(ms) and (user is not None or users.count(None) == len(users)):
+            template = self._shape(tuple([line[2] for line in lines]), user is not None)
+        if template is None:
+            self._assemble(key)
+            return
+        del self._waiting[key]
+        times = [m * 1_000_000 + _HALF_MS for m in ms]
+        first = lines[0]
+        ids = self.ids
+        ids.line = first
+        trace_id = ids.trace_id(key, times[0])  # as the assembler asks for it: the first line's, or derived
+        first_id = request_span_id(trace_id, first[1], times[0])
+        trace_id = next((t for t in [line[4] for line in lines] if t), trace_id)  # a later line's is adopted
+        request_id = A.capped(key)
+        base = self._base_seen.get(key)
+        self.asm.remember_finished(key, trace_id, first_id, times[-1])
+        built = BuiltRequest(
+            template,
+            times,
+            trace_id,
+            ReplayIds.series(first_id, len(template.spans)),
+            request_id,
+            A.capped(base) if base is not None else request_id,
+            A.capped(A.text(user)) if user is not None else None,
+        )
+        self._done(key, built)
+
+    def _shape(self, events: tuple[LoggingEventName, ...], user: bool) -> Shape | None:
+        """The template of requests with these events (naming a user or not), learned from the first
+        of them; None: a shape its template cannot serve, or one past the cap."""
+        key = (events, user)
+        if key in self._shapes:
+            return self._shapes[key]
+        if len(self._shapes) >= _MAX_SHAPES:
+            return None
+        shape = self._shapes[key] = self._learn(events, user)
+        return shape
+
+    def _learn(self, events: tuple[LoggingEventName, ...], user: bool) -> Shape | None:
+        """The template of a shape: what a replay without templates makes of its stand-in request."""
+        lines = stand_in_lines(events, user)
+        made: list[SpanState] = []
+        replayer = Replayer(made.extend, templates=False)
+        replayer.feed(lines)
+        replayer.finish()
+        return learn(lines, made, [line.ts_ms * 1_000_000 + _HALF_MS for line in lines], ReplayIds.series)
 
     def _pin_span(self, key: str, name: str, span_id: int) -> None:
         """A line names the id of an open span that was opened with a derived one (implicitly, by an
@@ -271,13 +379,18 @@ class Replayer:
         spans = self.asm.spans
         self._hold(key, spans)
         spans.clear()
-        out = self._held.pop(key, None)
+        self._done(key, self._held.pop(key, None))
+
+    def _done(self, key: str, out: Sequence[SpanState] | None) -> None:
+        """The request `key` has ended with the spans `out`: marked (a built request's template has
+        the marks), handed on, its key remembered."""
         base = self._base_seen.pop(key, None)
-        if out:
+        if out and type(out) is not BuiltRequest:
             for s in out:
                 s.attributes[A.REPLAYED] = True
                 if base is not None and s.name == REQUEST_SPAN_NAME:
                     s.attributes[A.REQUEST_ID] = A.capped(base)  # the request as its client knows it
+        if out:
             self._emit(out)
         self.ids.forget(key)
         self.requests += 1
@@ -291,8 +404,14 @@ class Replayer:
         while len(self._recent) > _RECENT:
             self._recent.popitem(last=False)
 
+    def _end_oldest(self) -> None:
+        """The in-flight cap is reached: the request that began first (waiting ones before assembled) ends."""
+        self.end(next(iter(self._waiting or self.asm.requests)))
+
     def end(self, key: str) -> None:
         """End the in-flight request `key` as incomplete."""
+        if key in self._waiting:
+            self._assemble(key)
         req = self.asm.requests.get(key)
         if req is not None:
             self.incomplete += 1
@@ -302,11 +421,16 @@ class Replayer:
     def sweep(self, now_ns: int) -> None:
         """End the requests with no line for longer than the TTL (log time, or the clock when following)."""
         cutoff = now_ns - self.ttl_ns
-        for key in [k for k, r in self.asm.requests.items() if r.last_ns < cutoff]:
+        cutoff_ms = (cutoff - _HALF_MS) / 1_000_000  # a waiting line's ts_ms is stale below this
+        stale = [k for k, lines in self._waiting.items() if lines[-1][0] < cutoff_ms]
+        stale += [k for k, r in self.asm.requests.items() if r.last_ns < cutoff]
+        for key in stale:
             self.end(key)
 
     def finish(self) -> None:
         """End of input: every request still in flight ends incomplete."""
+        for key in list(self._waiting):
+            self._assemble(key)
         for key in list(self.asm.requests):
             self.end(key)
         leftover = [s for spans in self._held.values() for s in spans]  # spans of requests already gone
