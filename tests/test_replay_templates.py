@@ -15,6 +15,7 @@ import random
 import pytest
 
 from fastdeploy_otel.events import LoggingEventName as E
+from fastdeploy_otel.tools import spanstates
 from fastdeploy_otel.tools.replay import Replayer
 from fastdeploy_otel.tools.spanstates import JsonLinesWriter
 from fastdeploy_otel.tools.templates import BuiltRequest
@@ -145,11 +146,14 @@ def test_a_clean_log_is_built_from_templates_in_the_assemblers_order():
             ]
         )
     lines = _interleave(rng, requests)
-    with_templates, _, built = _replay(lines, templates=True, batch=512)
+    with_templates, replayer, built = _replay(lines, templates=True, batch=512)
     without, _, _ = _replay(lines, templates=False, batch=512)
     assert with_templates == without
     ended = sum(1 for req in requests if req[-1].event is E.POSTPROCESSING_END)
     assert 0 < built == ended  # PD_PREFILL has no END: those end at the end of input, assembled
+    # and their text came from each shape's skeleton (a skeleton failing its check would fall back)
+    shapes = [shape for shape in replayer._shapes.values() if shape is not None]
+    assert len(shapes) == 2 and all(spanstates._skeletons.get(shape) is not None for shape in shapes)
 
 
 def test_a_shape_is_learned_once_and_the_number_of_shapes_is_bounded(monkeypatch):
