@@ -38,6 +38,7 @@ __all__ = ["Replayer", "ReplayIds", "base_request_id"]
 
 _END = LoggingEventName.POSTPROCESSING_END
 _MAX_SHAPES = 4096  # templates kept: past it, a request of a new shape is assembled line by line
+_LEARN_AT = 8  # a shape's template is learned when its 8th request ends (the first 7 are assembled)
 _NO_THREAD = threading.main_thread()  # Records name a thread; only mirror lines use it, and a replay makes none
 _HALF_MS = 500_000
 _RECENT = 10_000  # finished request ids remembered, so that a late line joins its request
@@ -152,6 +153,9 @@ class Replayer:
         self._waiting: dict[str, list[TraceLine]] = {}
         # (events, names a user) -> the template, or None: a shape its template cannot serve.
         self._shapes: dict[tuple[tuple[LoggingEventName, ...], bool], Shape | None] = {}
+        self._sightings: dict[
+            tuple[tuple[LoggingEventName, ...], bool], int
+        ] = {}  # shapes not learned: requests so far
         self._keys: dict[str, str] = {}  # a base id -> the key of the in-flight request that began under a choice id
         self._base_seen: dict[str, str] = {}  # such a key -> its base id, once a line used it
         # ids of recently ended requests -> their key (ordered: the oldest is dropped, see Assembler._finished)
@@ -319,11 +323,19 @@ class Replayer:
         self._done(key, built)
 
     def _shape(self, events: tuple[LoggingEventName, ...], user: bool) -> Shape | None:
-        """The template of requests with these events (naming a user or not), learned from the first
-        of them; None: a shape its template cannot serve, or one past the cap."""
+        """The template of requests with these events (naming a user or not), learned when the
+        _LEARN_AT-th of them ends; None: not yet, a shape its template cannot serve, or past the caps."""
         key = (events, user)
         if key in self._shapes:
             return self._shapes[key]
+        # Learning costs some requests' worth (a stand-in replayed, its JSON skeleton made and checked):
+        # a shape is learned once it has recurred, so that a log of ever-new shapes costs no more.
+        seen = self._sightings.get(key, 0) + 1
+        if seen < _LEARN_AT:
+            if seen > 1 or len(self._sightings) < 4 * _MAX_SHAPES:
+                self._sightings[key] = seen
+            return None
+        self._sightings.pop(key, None)
         if len(self._shapes) >= _MAX_SHAPES:
             return None
         shape = self._shapes[key] = self._learn(events, user)
