@@ -27,7 +27,9 @@ RESOURCE = {"service.name": "replay-test"}
 SCOPE = ("fastdeploy_otel", "test")
 
 
-def _replay(lines: list[TraceLine], templates: bool, batch: int = 7) -> tuple[list[str], Replayer, int]:
+def _replay(
+    lines: list[TraceLine], templates: bool, batch: int = 7, max_in_flight: int = 50
+) -> tuple[list[str], Replayer, int]:
     """The JSON lines a replay writes (`batch` spans to a line) and how many requests were built."""
     out = io.StringIO()
     writer = JsonLinesWriter(out, RESOURCE, SCOPE, batch=batch)
@@ -38,7 +40,7 @@ def _replay(lines: list[TraceLine], templates: bool, batch: int = 7) -> tuple[li
         built += type(spans) is BuiltRequest
         writer.write(spans)
 
-    replayer = Replayer(emit, ttl_s=30.0, max_in_flight=50, templates=templates)
+    replayer = Replayer(emit, ttl_s=30.0, max_in_flight=max_in_flight, templates=templates)
     for i in range(0, len(lines), 13):  # fed a list at a time, as the command feeds them
         replayer.feed(lines[i : i + 13])
     replayer.finish()
@@ -70,8 +72,11 @@ def _request(rng: random.Random, k: int, t: int) -> list[TraceLine]:
             events.insert(rng.randrange(len(events)), events.pop(i))
     if rng.random() < 0.1:  # cut off: no END (incomplete at the end of input, or by the TTL)
         events = events[: rng.randrange(1, len(events) + 1)]
+    if rng.random() < 0.05:  # begun before the log did (rotation, --since): perhaps with its END alone
+        events = events[rng.randrange(len(events)) :]
     base = f"req-{k % 40 if rng.random() < 0.1 else k}"  # now and then an id used before
-    choice = rng.choice([f"{base}_0", f"{base}::n::0", base])
+    # a choice id, now and then a sibling's (X_0 and X_1 of one request, in flight together)
+    choice = rng.choice([f"{base}_0", f"{base}::n::0", base, f"{base}_{rng.randrange(2)}"])
     users = rng.choice(["none", "all", "first", "later", "mixed"])
     traces = rng.choice(["none", "none", "first", "later", "two"])
     trace_a, trace_b = rng.getrandbits(128) or 1, rng.getrandbits(128) or 1
@@ -115,7 +120,7 @@ def _interleave(rng: random.Random, requests: list[list[TraceLine]]) -> list[Tra
 def test_templates_give_the_assemblers_spans_byte_for_byte(seed, monkeypatch):
     from fastdeploy_otel.tools import replay as replay_mod
 
-    monkeypatch.setattr(replay_mod, "_LEARN_AT", 1 + seed % 3)  # most requests take a template
+    monkeypatch.setattr(replay_mod, "_LEARN_AT", 1 + seed % 2)  # most requests take a template
     rng = random.Random(seed)
     requests = []
     t = T0
@@ -127,11 +132,61 @@ def test_templates_give_the_assemblers_spans_byte_for_byte(seed, monkeypatch):
         last = req[-1]
         req.append(TraceLine(last.ts_ms + 2, last.request_id, E.CACHE_HIT, None, 0, 0))
     lines = _interleave(rng, requests)
-    with_templates, r1, built = _replay(lines, templates=True)
-    without, r2, _ = _replay(lines, templates=False)
-    assert sorted(_spans(with_templates)) == sorted(_spans(without))
+    cap = rng.choice([3, 10, 50])  # the in-flight cap: reached often at 3
+    with_templates, r1, built = _replay(lines, templates=True, max_in_flight=cap)
+    without, r2, _ = _replay(lines, templates=False, max_in_flight=cap)
+    assert _spans(with_templates) == _spans(without)  # the same spans, in the same order
+    assert with_templates == without
     assert (r1.requests, r1.incomplete, r1.duplicates) == (r2.requests, r2.incomplete, r2.duplicates)
-    assert built > 0  # the case exercised templates at all
+    assert built > 0 or cap == 3  # the case exercised templates (at a cap of 3 few requests reach their END)
+
+
+S, END = E.PREPROCESSING_START, E.POSTPROCESSING_END
+
+
+@pytest.mark.parametrize(
+    ("lines", "cap"),
+    [
+        # a request whose first line is its END (the log began in the middle of it); then one reusing its base
+        (
+            [
+                TraceLine(T0, "r_1", END, None, 0, 0),
+                TraceLine(T0 + 5, "r_2", S, None, 0, 0),
+                TraceLine(T0 + 6, "r_2", END, None, 0, 0),
+            ],
+            50,
+        ),
+        # two choices in flight: the base's END goes to the one that began last, whichever way the first was replayed
+        (
+            [
+                TraceLine(T0, "X_0", S, None, 0, 0),
+                TraceLine(T0 + 1, "X_1", S, None, 0, 0),
+                TraceLine(T0 + 2, "X_0", END, None, 0, 0),
+                TraceLine(T0 + 3, "X", END, None, 0, 0),
+            ],
+            50,
+        ),
+        # the cap ends the request that began first, assembled (a mirror line) or waiting
+        (
+            [
+                TraceLine(T0, "A", S, None, 0, 0x1234),
+                TraceLine(T0 + 1, "B", S, None, 0, 0),
+                TraceLine(T0 + 2, "C", S, None, 0, 0),
+            ]
+            + [TraceLine(T0 + 3, k, END, None, 0, 0) for k in "ABC"],
+            2,
+        ),
+        # the end of input ends requests in the order they began
+        ([TraceLine(T0, "B", S, None, 0, 0), TraceLine(T0 + 1, "A", S, None, 0, 0x99)], 50),
+    ],
+    ids=["end-first", "sibling-choices", "cap-order", "finish-order"],
+)
+def test_waiting_requests_end_as_assembled_ones_do(lines, cap):
+    """Found by review: each of these came out otherwise (or in another order) with templates on."""
+    with_templates, r1, _ = _replay(lines, templates=True, max_in_flight=cap)
+    without, r2, _ = _replay(lines, templates=False, max_in_flight=cap)
+    assert with_templates == without
+    assert (r1.requests, r1.incomplete) == (r2.requests, r2.incomplete)
 
 
 def test_a_clean_log_is_built_from_templates_in_the_assemblers_order():

@@ -151,6 +151,9 @@ class Replayer:
         self._templates = templates
         # Requests in flight whose lines wait for their END, by key (a request is here or in the assembler).
         self._waiting: dict[str, list[TraceLine]] = {}
+        # The keys of all requests in flight, waiting or assembled, in the order they began: the cap ends
+        # the first, and the TTL and the end of input end them in this order, templates or not.
+        self._begun: dict[str, None] = {}
         # (events, names a user) -> the template, or None: a shape its template cannot serve.
         self._shapes: dict[tuple[tuple[LoggingEventName, ...], bool], Shape | None] = {}
         self._sightings: dict[
@@ -177,7 +180,7 @@ class Replayer:
 
     @property
     def in_flight(self) -> int:
-        return len(self.asm.requests) + len(self._waiting)
+        return len(self._begun)
 
     # ---- lines ----------------------------------------------------------------------------------
     def _key(self, rid: str) -> str:
@@ -216,17 +219,17 @@ class Replayer:
                 if event is _END:
                     self._end_waiting(key)
             elif held is None and templates and not span_id and key not in requests and asm.begins(key, event, ts):
-                if len(requests) + len(waiting) >= self.max_in_flight:
-                    self._end_oldest()
-                self._map_base(key)
+                self._begin(key)
                 waiting[key] = [line]
+                if event is _END:  # a log that starts in the middle of a request
+                    self._end_waiting(key)
             else:
                 if held is not None:  # a mirror line: the request goes to the assembler after all
                     self._assemble(key)
                 self._line(key, line)
             fed += 1
             if fed >= next_sweep:
-                next_sweep = fed + max(4096, len(requests) + len(waiting))
+                next_sweep = fed + max(4096, len(self._begun))
                 self.last_ns = last_ns
                 self.sweep(last_ns)
         self.last_ns = last_ns
@@ -245,8 +248,12 @@ class Replayer:
         self._seen.add(mark)
         return False
 
-    def _map_base(self, key: str) -> None:
-        """A request that begins under a choice id: its base id joins it."""
+    def _begin(self, key: str) -> None:
+        """The request `key` begins (the in-flight cap ends the oldest first); begun under a choice
+        id, its base id joins it."""
+        if len(self._begun) >= self.max_in_flight:
+            self.end(next(iter(self._begun)))
+        self._begun[key] = None
         base = base_request_id(key)
         if base != key:
             self._keys[base] = key
@@ -258,9 +265,8 @@ class Replayer:
         req = asm.requests.get(key)
         ts = ts_ms * 1_000_000 + _HALF_MS
         if req is None:
-            if self.in_flight >= self.max_in_flight:
-                self._end_oldest()
-            self._map_base(key)
+            if key not in self._begun:  # else a waiting request, begun already, now assembled
+                self._begin(key)
         elif trace_id and req.trace_id != trace_id and key not in self._pinned:
             self._adopt(key, trace_id)
         ids = self.ids
@@ -396,6 +402,7 @@ class Replayer:
     def _done(self, key: str, out: Sequence[SpanState] | None) -> None:
         """The request `key` has ended with the spans `out`: marked (a built request's template has
         the marks), handed on, its key remembered."""
+        self._begun.pop(key, None)
         base = self._base_seen.pop(key, None)
         if out and type(out) is not BuiltRequest:
             for s in out:
@@ -416,10 +423,6 @@ class Replayer:
         while len(self._recent) > _RECENT:
             self._recent.popitem(last=False)
 
-    def _end_oldest(self) -> None:
-        """The in-flight cap is reached: the request that began first (waiting ones before assembled) ends."""
-        self.end(next(iter(self._waiting or self.asm.requests)))
-
     def end(self, key: str) -> None:
         """End the in-flight request `key` as incomplete."""
         if key in self._waiting:
@@ -433,17 +436,19 @@ class Replayer:
     def sweep(self, now_ns: int) -> None:
         """End the requests with no line for longer than the TTL (log time, or the clock when following)."""
         cutoff = now_ns - self.ttl_ns
-        cutoff_ms = (cutoff - _HALF_MS) / 1_000_000  # a waiting line's ts_ms is stale below this
-        stale = [k for k, lines in self._waiting.items() if lines[-1][0] < cutoff_ms]
-        stale += [k for k, r in self.asm.requests.items() if r.last_ns < cutoff]
+        waiting, requests = self._waiting, self.asm.requests
+        stale = []
+        for key in self._begun:
+            lines = waiting.get(key)
+            last = lines[-1][0] * 1_000_000 + _HALF_MS if lines is not None else requests[key].last_ns
+            if last < cutoff:
+                stale.append(key)
         for key in stale:
             self.end(key)
 
     def finish(self) -> None:
         """End of input: every request still in flight ends incomplete."""
-        for key in list(self._waiting):
-            self._assemble(key)
-        for key in list(self.asm.requests):
+        for key in list(self._begun):
             self.end(key)
         leftover = [s for spans in self._held.values() for s in spans]  # spans of requests already gone
         self._held.clear()
