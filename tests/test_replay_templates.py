@@ -241,3 +241,30 @@ def test_a_shape_is_learned_once_and_the_number_of_shapes_is_bounded(monkeypatch
     assert with_templates == without
     assert len(learned) == 3 and len(replayer._shapes) == 3  # past the cap: assembled, never learned
     assert built == 3 * 3  # 3 shapes learned, each from the request that made it recur enough on
+
+
+def test_counting_shapes_starts_over_when_full_and_long_requests_are_assembled(monkeypatch):
+    """Sightings of shapes not yet learned are bounded: when full, the count starts over (a shape met
+    after a flood of one-off shapes is still learned); a request longer than _MAX_SHAPE_LINES is
+    assembled, so a shape is never a huge key."""
+    from fastdeploy_otel.tools import replay as replay_mod
+
+    monkeypatch.setattr(replay_mod, "_MAX_SHAPES", 2)  # 8 sightings kept
+    monkeypatch.setattr(replay_mod, "_LEARN_AT", 2)
+    monkeypatch.setattr(replay_mod, "_MAX_SHAPE_LINES", 30)
+    events = [e for e, _ in MIXED]
+    lines, t = [], T0
+    for k in range(12):  # 12 one-off shapes: CACHE_HIT repeated k times
+        evs = events[:7] + [E.CACHE_HIT] * k + events[7:]
+        lines += [TraceLine(t + i, f"once-{k}", e, None, 0, 0) for i, e in enumerate(evs)]
+        t += 1000
+    for k in range(2):  # then MIXED twice: learned at its second request
+        lines += [TraceLine(t + i, f"mixed-{k}", e, None, 0, 0) for i, e in enumerate(events)]
+        t += 1000
+    with_templates, replayer, built = _replay(lines, templates=True)
+    without, _, _ = _replay(lines, templates=False)
+    assert with_templates == without
+    assert built == 1 and len(replayer._sightings) <= 8
+    assert all(len(events) <= 30 for events, _ in replayer._sightings)  # the long ones were never counted
+    learned = [shape for shape in replayer._shapes.values() if shape is not None]
+    assert len(learned) == 1 and len(learned[0].spans) == 10  # MIXED's

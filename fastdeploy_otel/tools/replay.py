@@ -39,6 +39,7 @@ __all__ = ["Replayer", "ReplayIds", "base_request_id"]
 _END = LoggingEventName.POSTPROCESSING_END
 _MAX_SHAPES = 4096  # templates kept: past it, a request of a new shape is assembled line by line
 _LEARN_AT = 8  # a shape's template is learned when its 8th request ends (the first 7 are assembled)
+_MAX_SHAPE_LINES = 256  # a longer request is assembled: shapes stay small keys (FastDeploy's have about 20)
 _NO_THREAD = threading.main_thread()  # Records name a thread; only mirror lines use it, and a replay makes none
 _HALF_MS = 500_000
 _RECENT = 10_000  # finished request ids remembered, so that a late line joins its request
@@ -301,7 +302,7 @@ class Replayer:
         users = [line[3] for line in lines]
         user = users[0]
         template = None
-        if ms == sorted(ms) and (user is not None or users.count(None) == len(users)):
+        if len(ms) <= _MAX_SHAPE_LINES and ms == sorted(ms) and (user is not None or users.count(None) == len(users)):
             template = self._shape(tuple([line[2] for line in lines]), user is not None)
         if template is None:
             self._assemble(key)
@@ -338,8 +339,9 @@ class Replayer:
         # a shape is learned once it has recurred, so that a log of ever-new shapes costs no more.
         seen = self._sightings.get(key, 0) + 1
         if seen < _LEARN_AT:
-            if seen > 1 or len(self._sightings) < 4 * _MAX_SHAPES:
-                self._sightings[key] = seen
+            if len(self._sightings) >= 4 * _MAX_SHAPES:  # a new count from here: shapes met later are learned too
+                self._sightings.clear()
+            self._sightings[key] = seen
             return None
         self._sightings.pop(key, None)
         if len(self._shapes) >= _MAX_SHAPES:
