@@ -154,7 +154,8 @@ class Replayer:
         self._waiting: dict[str, list[TraceLine]] = {}
         # The keys of all requests in flight, waiting or assembled, in the order they began: the cap ends
         # the first, and the TTL and the end of input end them in this order, templates or not.
-        self._begun: dict[str, None] = {}
+        # An OrderedDict: its first key is found at once, where a dict's scans the holes deletions left.
+        self._begun: OrderedDict[str, None] = OrderedDict()
         # (events, names a user) -> the template, or None: a shape its template cannot serve.
         self._shapes: dict[tuple[tuple[LoggingEventName, ...], bool], Shape | None] = {}
         self._sightings: dict[

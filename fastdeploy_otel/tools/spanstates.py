@@ -155,9 +155,9 @@ def _join(head: str, spans: list[str], tail: str) -> str:
 
 # ---- requests built from a template (``templates.BuiltRequest``) ------------------------------------
 # A built request's text is its shape's text with its own values put in.  The shape's skeleton is what
-# _encoded makes of the shape's spans holding sentinel values, cut at each sentinel: a format string
-# and which value goes in each place.  It is made once per shape and checked against _encoded on
-# other values; a shape whose check fails is encoded span by span, as any other.
+# _encoded makes of the shape's spans holding sentinel values, cut at each sentinel: the text between
+# and which value goes in each place.  It is made once per shape and checked against _encoded on the
+# shape's first built request; a shape whose check fails is encoded span by span, as any other.
 _TRACE_SENTINEL = int("e" * 32, 16)
 _ID_SENTINEL = int("5a5a5a5a5a5a0000", 16)  # + the id's position; a letter in it: no run of digits
 _TIME_SENTINEL = 9_100_000_000_000_000_000  # + the line's position: 19 digits, no one inside another

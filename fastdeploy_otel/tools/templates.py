@@ -1,12 +1,13 @@
 """A request whose lines repeat an earlier request's events: its spans from a template, not line by line.
 
-Most requests of a deployment go through the same events in the same order.  The first request of
-each shape (its events, and whether it names a user) is replayed by the Assembler as usual, on
-stand-in values: one request id, one user, a line every second.  What that made is kept as a
-template: for each span, which line's time starts and ends it, which span is its parent, which of
-the request's derived ids it takes.  Every later request of the shape is built from the template,
-at a fraction of the cost: the same spans the Assembler would make, byte for byte (tests replay
-every shape both ways).  Only requests the template cannot differ on take it (``Replayer`` decides).
+Most requests of a deployment go through the same events in the same order.  Once a shape (its
+events, and whether its first line names a user) has recurred (``replay._LEARN_AT``), a stand-in
+request of it is replayed by the Assembler as usual, on stand-in values: one request id, one user, a
+line every second.  What that made is kept as a template: for each span, which line's time starts
+and ends it, which span is its parent, which of the request's derived ids it takes.  From then on
+the requests of the shape are built from the template, at a fraction of the cost: the same spans the
+Assembler would make, byte for byte (``tests/test_replay_templates.py`` replays random and damaged
+logs both ways).  Only requests the template cannot differ on take it (``Replayer`` decides).
 """
 
 from __future__ import annotations
