@@ -17,6 +17,9 @@ not say is decided here:
 * **When a request ends.**  At POSTPROCESSING_END, the last event of every lifecycle that answers a
   client.  A lifecycle that stops short (end of input, idle past the TTL, or pushed out by the
   in-flight cap) ends at its last event marked ``fastdeploy.anomaly=incomplete``, not as an error.
+* **Recurring shapes.**  A request's lines wait for its END; a request whose events repeat a shape
+  that has recurred is built from that shape's template (``templates``), learned from the Assembler,
+  instead of line by line: the same spans, at a fraction of the cost.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ _END = LoggingEventName.POSTPROCESSING_END
 _MAX_SHAPES = 4096  # templates kept: past it, a request of a new shape is assembled line by line
 _LEARN_AT = 8  # a shape's template is learned when its 8th request ends (the first 7 are assembled)
 _MAX_SHAPE_LINES = 256  # a longer request is assembled: shapes stay small keys (FastDeploy's have about 20)
+_ShapeKey = tuple[tuple[LoggingEventName, ...], bool]  # a request's events, and whether its first line names a user
 _NO_THREAD = threading.main_thread()  # Records name a thread; only mirror lines use it, and a replay makes none
 _HALF_MS = 500_000
 _RECENT = 10_000  # finished request ids remembered, so that a late line joins its request
@@ -132,9 +136,9 @@ _SEEN_MAX = 500_000
 class Replayer:
     """Feeds lines to an Assembler and hands each ended request's spans to `emit`, marked replayed.
 
-    `templates`: a request's lines wait for its END, and a request of a shape seen before is built
-    from that shape's template (``templates``) instead of line by line; off, every line goes to the
-    Assembler as it comes (the same spans; the tests compare the two)."""
+    `templates`: a request's lines wait for its END, and a request of a shape that has recurred is
+    built from that shape's template (``templates``) instead of line by line; off, every line goes to
+    the Assembler as it comes (the same spans, in the same order; the tests compare the two)."""
 
     def __init__(
         self,
@@ -156,11 +160,9 @@ class Replayer:
         # the first, and the TTL and the end of input end them in this order, templates or not.
         # An OrderedDict: its first key is found at once, where a dict's scans the holes deletions left.
         self._begun: OrderedDict[str, None] = OrderedDict()
-        # (events, names a user) -> the template, or None: a shape its template cannot serve.
-        self._shapes: dict[tuple[tuple[LoggingEventName, ...], bool], Shape | None] = {}
-        self._sightings: dict[
-            tuple[tuple[LoggingEventName, ...], bool], int
-        ] = {}  # shapes not learned: requests so far
+        # A shape (events, names a user) -> its template, or None: a shape its template cannot serve.
+        self._shapes: dict[_ShapeKey, Shape | None] = {}
+        self._sightings: dict[_ShapeKey, int] = {}  # shapes not learned yet -> their requests so far
         self._keys: dict[str, str] = {}  # a base id -> the key of the in-flight request that began under a choice id
         self._base_seen: dict[str, str] = {}  # such a key -> its base id, once a line used it
         # ids of recently ended requests -> their key (ordered: the oldest is dropped, see Assembler._finished)
