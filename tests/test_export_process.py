@@ -302,3 +302,19 @@ def test_lines_wait_ahead_of_spans_for_a_child_behind(traced, monkeypatch):
         assert numbers == sorted(numbers)
     finally:
         os.kill(child.pid, signal.SIGCONT)
+
+
+def test_frames_marshal_builtin_values_and_pickle_the_rest():
+    """Spans and mirror lines cross the pipe by marshal (quicker in the serving process); a value
+    marshal cannot write (the settings in hello, an application's type) goes by pickle, whole."""
+    from fractions import Fraction
+
+    from fastdeploy_otel._export_process import _HEADER, _frame, _unframe
+
+    spans = ("spans", [("SCHEDULE", 1 << 127, 7, {"k": [1.5, True], "t": (1, 2)}, [("e", 3, {})], None)])
+    frame = _frame(spans)
+    assert _HEADER.unpack(frame[:4])[0] == len(frame) - 4
+    assert frame[4:5] == b"m" and _unframe(frame[4:]) == spans
+    odd = ("lines", 1, [(1, "engine.py", Fraction(1, 3))])
+    frame = _frame(odd)
+    assert frame[4:5] == b"p" and _unframe(frame[4:]) == odd
