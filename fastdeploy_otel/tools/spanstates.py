@@ -4,6 +4,8 @@ A replay turns hundreds of thousands of lines a second into spans; building a Re
 protobuf message and its JSON for each (``_otlp_json``) costs several times the whole replay.
 The text written here is the same OTLP/JSON (hex ids, int64 as strings, enums as integers), and
 ``tools.spans.read_spans`` reads it back into the same Spans that ``to_span`` makes directly.
+A request built from a template (``templates.BuiltRequest``) is written from its shape's skeleton:
+this encoder's own text for the shape, made once, with the request's values put in.
 """
 
 from __future__ import annotations
@@ -176,7 +178,8 @@ def _values(r: BuiltRequest) -> list[str]:
 
 
 def _skeleton(r: BuiltRequest) -> Skeleton | None:
-    """The skeleton of `r`'s shape, or None when a sentinel's text could be read two ways."""
+    """The skeleton of `r`'s shape, or None when a sentinel's text could be read two ways or the
+    skeleton does not give `r`'s own text."""
     shape = r.shape
     stand_in = BuiltRequest(
         shape,
