@@ -89,13 +89,13 @@ def _frame(message: Any) -> bytes:
     return _HEADER.pack(len(body)) + body
 
 
+_MARSHAL = ord("m")
+
+
 def _unframe(body: bytes | memoryview) -> Any:
     """The message of a frame's body (after its length)."""
     data = memoryview(body)[1:]
     return marshal.loads(data) if body[0] == _MARSHAL else pickle.loads(data)
-
-
-_MARSHAL = ord("m")
 
 
 _live: weakref.WeakSet[ProcessChannel] = weakref.WeakSet()

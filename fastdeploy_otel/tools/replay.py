@@ -46,6 +46,13 @@ _MAX_SHAPE_LINES = 256  # a longer request is assembled: shapes stay small keys 
 _ShapeKey = tuple[tuple[LoggingEventName, ...], bool]  # a request's events, and whether its first line names a user
 _NO_THREAD = threading.main_thread()  # Records name a thread; only mirror lines use it, and a replay makes none
 _HALF_MS = 500_000
+
+
+def _ns(ts_ms: int) -> int:
+    """The time a line's event is put at: the middle of the millisecond it says (within 0.5 ms)."""
+    return ts_ms * 1_000_000 + _HALF_MS
+
+
 _RECENT = 10_000  # finished request ids remembered, so that a late line joins its request
 
 
@@ -213,7 +220,7 @@ class Replayer:
             ts_ms, rid, event, _, _, span_id = line
             if span_id and self._repeated(line):
                 continue
-            ts = ts_ms * 1_000_000 + _HALF_MS  # the middle of its millisecond: within 0.5 ms of the event
+            ts = ts_ms * 1_000_000 + _HALF_MS  # _ns(ts_ms), inline: every line passes here
             if ts > last_ns:
                 last_ns = ts
             key = rid if rid in waiting or rid in requests else self._key(rid)
@@ -267,7 +274,7 @@ class Replayer:
         ts_ms, _, event, user, trace_id, span_id = line
         asm = self.asm
         req = asm.requests.get(key)
-        ts = ts_ms * 1_000_000 + _HALF_MS
+        ts = _ns(ts_ms)
         if req is None:
             if key not in self._begun:  # else a waiting request, begun already, now assembled
                 self._begin(key)
@@ -311,7 +318,7 @@ class Replayer:
             self._assemble(key)
             return
         del self._waiting[key]
-        times = [m * 1_000_000 + _HALF_MS for m in ms]
+        times = list(map(_ns, ms))
         first = lines[0]
         ids = self.ids
         ids.line = first
@@ -359,7 +366,7 @@ class Replayer:
         replayer = Replayer(made.extend, templates=False)
         replayer.feed(lines)
         replayer.finish()
-        return learn(lines, made, [line.ts_ms * 1_000_000 + _HALF_MS for line in lines], ReplayIds.series)
+        return learn(lines, made, [_ns(line.ts_ms) for line in lines], ReplayIds.series)
 
     def _pin_span(self, key: str, name: str, span_id: int) -> None:
         """A line names the id of an open span that was opened with a derived one (implicitly, by an
@@ -445,7 +452,7 @@ class Replayer:
         stale = []
         for key in self._begun:
             lines = waiting.get(key)
-            last = lines[-1][0] * 1_000_000 + _HALF_MS if lines is not None else requests[key].last_ns
+            last = _ns(lines[-1][0]) if lines is not None else requests[key].last_ns
             if last < cutoff:
                 stale.append(key)
         for key in stale:
