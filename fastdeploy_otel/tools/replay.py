@@ -318,7 +318,7 @@ class Replayer:
             self._assemble(key)
             return
         del self._waiting[key]
-        times = list(map(_ns, ms))
+        times = [m * 1_000_000 + _HALF_MS for m in ms]  # _ns(m), inline: a call per line costs 1%
         first = lines[0]
         ids = self.ids
         ids.line = first
